@@ -1,0 +1,42 @@
+"""Every difference between the jax versions we support (0.10 on Python 3.11, 0.11+ on 3.12).
+
+Other modules import JAX internals only through here.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+from jax.interpreters import ad, batching, mlir  # noqa: F401  (re-exported)
+
+from jax.extend.core import Primitive  # noqa: F401  (jax >= 0.4.36, stable in 0.10/0.11)
+
+JAX_VERSION = tuple(int(x) for x in jax.__version__.split(".")[:3] if x.isdigit())
+
+# ShapedArray: `jax.core.ShapedArray` is deprecated from 0.10 on and may disappear; the
+# private home has held it through every version we support.
+try:
+    from jax._src.core import ShapedArray  # noqa: F401
+except ImportError:  # pragma: no cover - future layout
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from jax.core import ShapedArray  # noqa: F401
+
+# Eager application of a primitive (compiles it like a one-op jit); no public home yet.
+from jax._src.dispatch import apply_primitive  # noqa: F401
+
+ffi_lowering = jax.ffi.ffi_lowering
+register_ffi_target = jax.ffi.register_ffi_target
+
+
+def replace_avals_out(ctx, avals_out):
+    """A lowering context whose results are `avals_out` (to add a hidden workspace output)."""
+    return ctx.replace(avals_out=list(avals_out))
+
+
+def gpu_available() -> bool:
+    try:
+        return len(jax.devices("gpu")) > 0
+    except RuntimeError:
+        return False

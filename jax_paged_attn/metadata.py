@@ -1,0 +1,92 @@
+"""`check_metadata`: find the first request whose runtime metadata the kernels would reject
+(their rows would come back NaN) and raise an error naming it, eagerly or under checkify."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import checkify
+
+# (rule name, message template); the template is formatted with b (request) and the values.
+_RULES = (
+    ("negative_seq_len", "request {b}: seq_len {x} is negative"),
+    ("capacity", "request {b}: seq_len {x} exceeds the block table's capacity {y} "
+                 "(max_pages x page_size)"),
+    ("cu_order", "request {b}: cu_seqlens_q is negative or non-monotonic at this request "
+                 "(start {x}, end {y})"),
+    ("q_len", "request {b}: seq_len {x} is shorter than its query length {y}"),
+    ("page", "request {b}: block_tables holds page index {x} outside [0, {y})"),
+)
+
+
+def _rule_values(block_tables, seq_lens, num_pages, page_size, cu_seqlens_q, q_len_per_req):
+    """Per rule: (bad [B] bool, x [B], y [B]) arrays, all from jnp ops (traceable)."""
+    bt = jnp.asarray(block_tables, jnp.int32)
+    sl = jnp.asarray(seq_lens, jnp.int32)
+    b, m = bt.shape
+    cap = m * page_size
+    if cu_seqlens_q is None:
+        q_len = jnp.full((b,), q_len_per_req, jnp.int32)
+        cu_bad = jnp.zeros((b,), bool)
+        cu_x = cu_y = jnp.zeros((b,), jnp.int32)
+    else:
+        cu = jnp.asarray(cu_seqlens_q, jnp.int32)
+        start, end = cu[:-1], cu[1:]
+        run_max = jax.lax.cummax(cu, axis=0)[:-1]
+        cu_bad = (start < 0) | (end < start) | (start < run_max)
+        q_len = jnp.maximum(end - start, 0)
+        cu_x, cu_y = start, end
+    # Pages holding keys [0, seq_len) must be real pages.
+    used = jnp.arange(m)[None, :] * page_size < sl[:, None]
+    bad_page = used & ((bt < 0) | (bt >= num_pages))
+    first_bad_col = jnp.argmax(bad_page, axis=1)
+    bad_val = jnp.take_along_axis(bt, first_bad_col[:, None], axis=1)[:, 0]
+    base_ok = (sl >= 0) & (sl <= cap) & ~cu_bad
+    return {
+        "negative_seq_len": (sl < 0, sl, sl),
+        "capacity": (sl > cap, sl, jnp.full((b,), cap, jnp.int32)),
+        "cu_order": (cu_bad, cu_x, cu_y),
+        "q_len": (base_ok & (sl < q_len), sl, q_len),
+        "page": (base_ok & jnp.any(bad_page, axis=1), bad_val,
+                 jnp.full((b,), num_pages, jnp.int32)),
+    }
+
+
+def _is_concrete(*xs):
+    try:
+        for x in xs:
+            if x is not None:
+                np.asarray(x)
+        return True
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return False
+
+
+def check_metadata(block_tables, seq_lens, *, num_pages, page_size, cu_seqlens_q=None,
+                   q_len_per_req=1):
+    """Raises `ValueError` naming the first request with invalid runtime metadata.
+
+    Called on concrete arrays it checks eagerly; inside a function transformed by
+    `jax.experimental.checkify.checkify` it adds checks whose error names the request.
+    (Window-dependent page needs are not known here: every page below seq_len is checked.)
+    """
+    for name, v in (("num_pages", num_pages), ("page_size", page_size),
+                    ("q_len_per_req", q_len_per_req)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"check_metadata: {name} must be a positive int, got {v!r}")
+    rules = _rule_values(block_tables, seq_lens, int(num_pages), int(page_size), cu_seqlens_q,
+                         int(q_len_per_req))
+    if _is_concrete(block_tables, seq_lens, cu_seqlens_q):
+        bad = {k: np.asarray(v[0]) for k, v in rules.items()}
+        for b in range(len(np.asarray(seq_lens))):
+            for name, template in _RULES:
+                if bad[name][b]:
+                    x, y = (int(np.asarray(a)[b]) for a in rules[name][1:])
+                    raise ValueError("check_metadata: " + template.format(b=b, x=x, y=y))
+        return
+    for name, template in _RULES:
+        mask, x, y = rules[name]
+        first = jnp.argmax(mask)
+        checkify.check(~jnp.any(mask), "check_metadata: " + template,
+                       b=first, x=x[first], y=y[first])
