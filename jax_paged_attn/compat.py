@@ -40,3 +40,6 @@ def gpu_available() -> bool:
         return len(jax.devices("gpu")) > 0
     except RuntimeError:
         return False
+
+# Batch dimension of an unbatched operand in a batching rule.
+NOT_MAPPED = getattr(batching, "not_mapped", None)

@@ -152,14 +152,14 @@ compat.ad.primitive_jvps[append_p] = _not_differentiable("append_kv")
 
 
 def _moveaxis0(x, bdim, size):
-    if bdim is compat.batching.not_mapped:
+    if bdim is compat.NOT_MAPPED:
         return None
     return jnp.moveaxis(x, bdim, 0)
 
 
 def _map_fallback(prim, args, dims, params):
     """vmap as a sequential lax.map over the batch (used when the cache itself is batched)."""
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not compat.batching.not_mapped)
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not compat.NOT_MAPPED)
     mapped = [_moveaxis0(a, d, size) for a, d in zip(args, dims)]
     idx = [i for i, m in enumerate(mapped) if m is not None]
 
@@ -174,7 +174,7 @@ def _map_fallback(prim, args, dims, params):
 
 
 def _decode_batch(args, dims, **params):
-    nm = compat.batching.not_mapped
+    nm = compat.NOT_MAPPED
     q_base, k, v, bt, sl, scales, sinks = args
     dq, dk, dv, dbt, dsl, dsc, dsi = dims
     if any(d is not nm for d in (dk, dv, dsc, dsi)):
