@@ -265,7 +265,7 @@ def _attention(q, k_pages, v_pages, block_tables, seq_lens, cu_seqlens_q, scale,
             i = c * rows + jnp.arange(rows, dtype=jnp.int32)   # row index within request
             row_ok = (i < n) & ok
             qc = q[jnp.clip(begin + i, 0, num_tokens - 1)].astype(jnp.float32)
-            pos = seq_len - n + i                              # bottom-right aligned
+            pos = seq_len - n + i + 1                             # bottom-right aligned
             vis = _visible(pos, row_ok, seq_len, num_keys, causal=causal,
                            window_left=window_left)
             o, l = _softmax_attend(qc, k, v, vis, scale, soft_cap, sinks)
@@ -397,7 +397,7 @@ def _quantize(x, scale, dtype):
         x = x / _f32_scalar(scale, 1.0)
     if _is_float8(dtype):
         fmax = float(jnp.finfo(dtype).max)          # 448 for float8_e4m3fn
-        pass
+        x = jnp.clip(x, -fmax, fmax)
     return x.astype(dtype)
 
 

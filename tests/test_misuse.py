@@ -49,14 +49,11 @@ def decode_view(base, shape, strides, offset=0):
 
 
 def split(qkv, hq=HQ, hkv=HKV, **kw):
-    def f(x):
-        q, k, v = jpa.split_qkv(x, hq, hkv, **kw)
-        return jpa.paged_decode(q, KP_DUMMY(), KP_DUMMY(), jnp.zeros((B, M), I32), jnp.zeros((B,), I32))
-    return jax.eval_shape(f, qkv)
-
-
-def KP_DUMMY():
-    return jnp.zeros(KP.shape, KP.dtype)
+    """paged_decode on the q view of split_qkv(qkv, ...) built from a traced packed buffer."""
+    def f(x, k, v, bt, sl):
+        q, _, _ = jpa.split_qkv(x, hq, hkv, **kw)
+        return jpa.paged_decode(q, k, v, bt, sl)
+    return jax.eval_shape(f, qkv, KP, KP, BT, SL)
 
 
 FP8 = jnp.float8_e4m3fn
@@ -68,7 +65,7 @@ MISUSES = {
     "q_rank4": (lambda: decode(q=S((T, 1, HQ, D), BF16)), r"\bq\b"),
     "q_int_dtype": (lambda: decode(q=S((T, HQ, D), I32)), r"\bq\b"),
     "q_fp8": (lambda: decode(q=S((T, HQ, D), FP8), k=S(KP.shape, FP8), v=S(KP.shape, FP8)), r"\bq\b"),
-    "heads_not_divisible": (lambda: decode(q=S((T, 3, D), BF16)), r"(?i)head"),
+    "heads_not_divisible": (lambda: decode(q=S((T, 3, D), BF16)), r"\bq\b.*num_kv_heads|num_kv_heads.*\bq\b|q: .*multiple"),
     "head_dim_mismatch": (lambda: decode(q=S((T, HQ, 2 * D), BF16)), r"head_dim"),
     "head_dim_mismatch_hnd": (lambda: decode(k=S((P, HKV, PS, 32), BF16), v=S((P, HKV, PS, 32), BF16),
                                              kv_layout="HND"), r"head_dim"),
@@ -96,7 +93,7 @@ MISUSES = {
     "q_len_per_req_zero": (lambda: decode(q_len_per_req=0), r"q_len_per_req"),
     # --- options
     "sinks_shape": (lambda: decode(sinks=jnp.zeros((HKV,), F32)), r"sinks"),
-    "sinks_dtype": (lambda: decode(sinks=jnp.zeros((HQ,), BF16)), r"sinks"),
+    "sinks_dtype": (lambda: decode(sinks=jnp.zeros((HQ,), I32)), r"sinks"),
     "out_dtype_int": (lambda: decode(out_dtype=jnp.int32), r"out_dtype"),
     "out_dtype_fp8": (lambda: decode(out_dtype=FP8), r"out_dtype"),
     "window_left_minus2": (lambda: decode(window_left=-2), r"window_left"),

@@ -22,7 +22,10 @@ JPA_HD int64_t clamp64(int64_t x, int64_t lo, int64_t hi) {
   return x < lo ? lo : (x > hi ? hi : x);
 }
 
-JPA_HD RequestInfo request_info(const AttnParams& p, int64_t b) {
+// request_info() given run_max = max(cu_seqlens_q[0..b]) (prefill; ignored for decode), so a
+// GPU block can compute that maximum cooperatively. request_info() is exactly this with the
+// running maximum computed serially.
+JPA_HD RequestInfo request_info_with_run_max(const AttnParams& p, int64_t b, int64_t run_max) {
   RequestInfo r;
   r.kv_len = p.seq_lens[b];
   bool ok = true;
@@ -30,12 +33,6 @@ JPA_HD RequestInfo request_info(const AttnParams& p, int64_t b) {
     r.row_begin = b * p.q_len_per_req;
     r.q_len = p.q_len_per_req;
   } else {
-    // Running maximum of cu[0..b], so row ranges never overlap whatever the metadata.
-    int64_t run_max = p.cu_seqlens_q[0];
-    for (int64_t i = 1; i <= b; ++i) {
-      int64_t c = p.cu_seqlens_q[i];
-      run_max = c > run_max ? c : run_max;
-    }
     int64_t start = p.cu_seqlens_q[b];
     int64_t end = p.cu_seqlens_q[b + 1];
     int64_t e0 = clamp64(run_max, 0, p.num_tokens);
@@ -49,6 +46,19 @@ JPA_HD RequestInfo request_info(const AttnParams& p, int64_t b) {
        r.kv_len <= p.max_pages_per_req * p.kv.page_size;
   r.valid = ok;
   return r;
+}
+
+JPA_HD RequestInfo request_info(const AttnParams& p, int64_t b) {
+  int64_t run_max = 0;
+  if (p.cu_seqlens_q != nullptr) {
+    // Running maximum of cu[0..b], so row ranges never overlap whatever the metadata.
+    run_max = p.cu_seqlens_q[0];
+    for (int64_t i = 1; i <= b; ++i) {
+      int64_t c = p.cu_seqlens_q[i];
+      run_max = c > run_max ? c : run_max;
+    }
+  }
+  return request_info_with_run_max(p, b, run_max);
 }
 
 // Are the pages holding keys [lo, hi) of request b all inside [0, num_pages)?
