@@ -77,7 +77,7 @@ def check_metadata(block_tables, seq_lens, *, num_pages, page_size, cu_seqlens_q
             raise ValueError(f"check_metadata: {name} must be a positive int, got {v!r}")
     rules = _rule_values(block_tables, seq_lens, int(num_pages), int(page_size), cu_seqlens_q,
                          int(q_len_per_req))
-    if _is_concrete(block_tables, seq_lens, cu_seqlens_q):
+    if _is_concrete(*(v[0] for v in rules.values())):
         bad = {k: np.asarray(v[0]) for k, v in rules.items()}
         for b in range(len(np.asarray(seq_lens))):
             for name, template in _RULES:

@@ -254,6 +254,9 @@ def _attention(q, k_pages, v_pages, block_tables, seq_lens, cu_seqlens_q, scale,
                                  kv_layout)
         else:
             k = v = jnp.zeros((num_keys, hkv, d), k_pages.dtype)
+        # Without the barrier XLA moves the float32 convert in front of the gather and then
+        # hoists it out of the loop: a float32 copy of the whole cache.
+        k, v = jax.lax.optimization_barrier((k, v))
         # Zero keys no row may see, so garbage there (even NaN bit patterns) cannot leak
         # through 0 * NaN in the p @ v product.
         needed = ((key_idx >= _first_needed_key(seq_len, n, window_left))
@@ -265,7 +268,7 @@ def _attention(q, k_pages, v_pages, block_tables, seq_lens, cu_seqlens_q, scale,
             i = c * rows + jnp.arange(rows, dtype=jnp.int32)   # row index within request
             row_ok = (i < n) & ok
             qc = q[jnp.clip(begin + i, 0, num_tokens - 1)].astype(jnp.float32)
-            pos = seq_len - n + i + 1                             # bottom-right aligned
+            pos = seq_len - n + i                              # bottom-right aligned
             vis = _visible(pos, row_ok, seq_len, num_keys, causal=causal,
                            window_left=window_left)
             o, l = _softmax_attend(qc, k, v, vis, scale, soft_cap, sinks)
@@ -394,7 +397,12 @@ def _quantize(x, scale, dtype):
     (what astype does) into the page dtype."""
     x = x.astype(jnp.float32)
     if scale is not None:
-        x = x / _f32_scalar(scale, 1.0)
+        # XLA rewrites `x / broadcast(s)` into `x * (1/s)`, which is off by an ulp for ~40%
+        # of values; the barrier keeps a true IEEE division (exact on CPU; XLA's GPU f32
+        # division is div.full, within 2 ulp, so run this on the CPU backend where bit
+        # exactness of stored pages matters).
+        divisor = jnp.broadcast_to(_f32_scalar(scale, 1.0), x.shape)
+        x = x / jax.lax.optimization_barrier(divisor)
     if _is_float8(dtype):
         fmax = float(jnp.finfo(dtype).max)          # 448 for float8_e4m3fn
         x = jnp.clip(x, -fmax, fmax)

@@ -14,10 +14,6 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
-# Two host devices for the shard_map test; must happen before jax is first imported.
-if "jax" not in sys.modules and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
-
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -85,6 +81,16 @@ def assert_bitwise(actual, expected, what="out"):
     if not np.array_equal(av, ev):
         diff = np.argwhere(a.view(f"u{a.itemsize}") != e.view(f"u{e.itemsize}"))
         raise AssertionError(f"{what}: {len(diff)} elements differ bitwise, first at {diff[:5].tolist()}")
+
+
+@pytest.fixture
+def on_cpu():
+    """Run a test with the CPU as the default device (the CPU suite stays on the CPU FFI path
+    even where a GPU is present)."""
+    import jax
+
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,8 @@ import jax_paged_attn as jpa
 from conftest import assert_bitwise, assert_close
 from jax_paged_attn import reference as ref
 
+pytestmark = pytest.mark.usefixtures("on_cpu")
+
 OPS = {"decode": (jpa.paged_decode, ref.paged_decode), "prefill": (jpa.paged_prefill, ref.paged_prefill)}
 
 

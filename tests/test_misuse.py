@@ -13,6 +13,8 @@ import pytest
 
 import jax_paged_attn as jpa
 
+pytestmark = pytest.mark.usefixtures("on_cpu")
+
 S = jax.ShapeDtypeStruct
 BF16, F32, I32 = jnp.bfloat16, jnp.float32, jnp.int32
 T, HQ, HKV, D, P, PS, B, M = 4, 4, 2, 16, 6, 4, 4, 3
@@ -154,11 +156,6 @@ def test_static_misuse_raises_at_trace_time(name):
     fn, match = MISUSES[name]
     with pytest.raises((ValueError, TypeError), match=match):
         fn()
-
-
-def test_misuse_list_is_large_and_distinct():
-    assert len(MISUSES) >= 20
-    assert len(set(MISUSES)) == len(MISUSES)
 
 
 @pytest.mark.parametrize("op", ["decode", "prefill", "append"])

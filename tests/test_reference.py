@@ -440,7 +440,8 @@ def test_decode_unneeded_bad_page_is_fine():
     assert np.isnan(np.asarray(out)[1]).all() and np.isfinite(np.asarray(out)[0]).all()
 
 
-@pytest.mark.parametrize("what", ["non_monotonic", "cu_end_past_T", "q_len_over_max",
+@pytest.mark.parametrize("what", ["non_monotonic", "non_monotonic_overlap", "cu_end_past_T",
+                                  "q_len_over_max",
                                   "cu_first_negative", "seq_len_below_q_len",
                                   "page_out_of_range", "seq_len_over_capacity"])
 def test_prefill_invalid(what):
@@ -450,10 +451,15 @@ def test_prefill_invalid(what):
     max_q_len = 4
     expect_nan = np.zeros(10, bool)
     if what == "non_monotonic":
-        cu = np.array([0, 3, 2, 9], np.int32)    # request 1 ends before it starts; request 2
-        expect_nan[3:9] = True                   # starts before the running max: both invalid
+        cu = np.array([0, 3, 2, 6], np.int32)    # request 1 ends before it starts (owns no
+        expect_nan[3:6] = True                   # rows); request 2 starts before the running
+                                                 # max 3: owns rows [3, 6), invalid
+    elif what == "non_monotonic_overlap":
+        cu = np.array([0, 4, 2, 6], np.int32)    # request 2 would overlap request 0: it owns
+        expect_nan[4:6] = True                   # [4, 6) and is invalid; request 0 is exact
     elif what == "cu_end_past_T":
         cu = np.array([0, 3, 5, 11], np.int32)   # request 2 owns rows [5, 10) and is invalid
+        max_q_len = 6                            # (its 6 rows alone would be fine)
         expect_nan[5:10] = True
     elif what == "q_len_over_max":
         max_q_len = 3                            # request 2 has 4 rows
@@ -552,6 +558,27 @@ def test_append_fp8_quantization(layout, traced):
         np.testing.assert_array_equal(got_v.view(np.uint8), quant(v[t], vs).view(np.uint8))
     assert not np.isnan(np.asarray(nk).astype(np.float32)).any() or np.isnan(
         np.asarray(kp).astype(np.float32)).any()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, BF16, np.float16])
+def test_append_scaled(dtype):
+    """Non-fp8 pages: stored = (k / k_scale) in float32, rounded to nearest even."""
+    rng = np.random.default_rng(1750)
+    P, ps, Hkv, D, T = 3, 2, 2, 8, 4
+    kp, vp = make_pages(rng, P, ps, Hkv, D, "HND", False, dtype)
+    k = rng.standard_normal((T, Hkv, D)).astype(np.float32)
+    v = rng.standard_normal((T, Hkv, D)).astype(np.float32).astype(BF16)   # bf16 input
+    ks, vs = 0.013, 3.7
+    slots = np.array([5, 0, 2, 3], np.int32)
+    # Under jit XLA would turn the division into a multiply by the reciprocal (an ulp off).
+    nk, nv = jax.jit(lambda *a: ref.append_kv(*a, kv_layout="HND", k_scale=ks, v_scale=vs))(
+        kp, vp, k, v, slots)
+    for t, slot in enumerate(slots):
+        got_k, got_v = _read_slot(nk, nv, "HND", int(slot), ps)
+        want_k = (k[t] / np.float32(ks)).astype(dtype)
+        want_v = (v[t].astype(np.float32) / np.float32(vs)).astype(dtype)
+        np.testing.assert_array_equal(got_k, want_k)
+        np.testing.assert_array_equal(got_v, want_v)
 
 
 def test_append_rne_ties():

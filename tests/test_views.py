@@ -16,6 +16,8 @@ import jax_paged_attn as jpa
 from conftest import assert_bitwise
 from jax_paged_attn.views import materialize
 
+pytestmark = pytest.mark.usefixtures("on_cpu")
+
 T, HQ, HKV, D = 6, 4, 2, 16  # the decode case below has batch 6, one token each
 
 
@@ -203,6 +205,7 @@ def test_append_general_views_bitwise_dense(kind):
 
 # ----------------------------------------------------------------------------- lowering
 
+LD = 64  # a head_dim the CUDA lowering accepts
 _FORBIDDEN = re.compile(r"\b(stablehlo|mhlo)\.(slice|gather|dynamic_slice|transpose|copy)\b")
 
 
@@ -259,7 +262,7 @@ def _check_packed_operand(text, target, packed_type, operand_index=0):
 
 def _attn_avals(op, n_tok, dtype=jnp.bfloat16, layout="NHD"):
     P, ps, B = 9, 4, n_tok
-    page = (P, ps, HKV, D) if layout == "NHD" else (P, HKV, ps, D)
+    page = (P, ps, HKV, LD) if layout == "NHD" else (P, HKV, ps, LD)
     kp = jax.ShapeDtypeStruct(page, dtype)
     bt = jax.ShapeDtypeStruct((B, 3), jnp.int32)
     sl = jax.ShapeDtypeStruct((B,), jnp.int32)
@@ -274,8 +277,8 @@ def _attn_avals(op, n_tok, dtype=jnp.bfloat16, layout="NHD"):
 @pytest.mark.parametrize("op", ["decode", "prefill"])
 def test_lowering_passes_packed_qkv(platform, three_d, op):
     n_tok = 5
-    W = (HQ + 2 * HKV) * D
-    shape = (n_tok, HQ + 2 * HKV, D) if three_d else (n_tok, W)
+    W = (HQ + 2 * HKV) * LD
+    shape = (n_tok, HQ + 2 * HKV, LD) if three_d else (n_tok, W)
     packed = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
     fn = jpa.paged_decode if op == "decode" else jpa.paged_prefill
     kw = {} if op == "decode" else {"max_q_len": 4}
@@ -288,35 +291,35 @@ def test_lowering_passes_packed_qkv(platform, three_d, op):
     ttype = "tensor<" + "x".join(map(str, shape)) + "xbf16>"
     line = _check_packed_operand(text, f"jpa_paged_{op}", ttype)
     assert _int_attr(line, "q_offset") == 0
-    assert _ints_attr(line, "q_strides") == [W, D]
+    assert _ints_attr(line, "q_strides") == [W, LD]
 
 
 @pytest.mark.parametrize("platform", ["cuda", "cpu"])
 def test_lowering_general_view_attributes(platform):
     """An offset, transposed view: the attributes carry exactly its offset and strides."""
     n_tok = 5
-    base = jax.ShapeDtypeStruct((2, HQ, n_tok, D), jnp.bfloat16)
-    offset = HQ * n_tok * D + 3 * D  # second half, starting at token 3 of head 0
+    base = jax.ShapeDtypeStruct((2, HQ, n_tok, LD), jnp.bfloat16)
+    offset = HQ * n_tok * LD + 3 * LD  # second half, starting at token 3 of head 0
 
     def f(b, *rest):
-        q = jpa.StridedView(b, (2, HQ, D), (D, n_tok * D, 1), offset)
+        q = jpa.StridedView(b, (2, HQ, LD), (LD, n_tok * LD, 1), offset)
         return jpa.paged_decode(q, *rest)
 
     rest = _attn_avals("decode", 2)
     text = _lower(f, [base, *rest], platform)
-    line = _check_packed_operand(text, "jpa_paged_decode", f"tensor<2x{HQ}x{n_tok}x{D}xbf16>")
+    line = _check_packed_operand(text, "jpa_paged_decode", f"tensor<2x{HQ}x{n_tok}x{LD}xbf16>")
     assert _int_attr(line, "q_offset") == offset
-    assert _ints_attr(line, "q_strides") == [D, n_tok * D]
+    assert _ints_attr(line, "q_strides") == [LD, n_tok * LD]
 
 
 @pytest.mark.parametrize("platform", ["cuda", "cpu"])
 @pytest.mark.parametrize("three_d", [False, True], ids=["2d", "3d"])
 def test_lowering_append_passes_packed_kv(platform, three_d):
     n_tok, P, ps = 5, 7, 4
-    W = (HQ + 2 * HKV) * D
-    shape = (n_tok, HQ + 2 * HKV, D) if three_d else (n_tok, W)
+    W = (HQ + 2 * HKV) * LD
+    shape = (n_tok, HQ + 2 * HKV, LD) if three_d else (n_tok, W)
     packed = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
-    kp = jax.ShapeDtypeStruct((P, ps, HKV, D), jnp.bfloat16)
+    kp = jax.ShapeDtypeStruct((P, ps, HKV, LD), jnp.bfloat16)
     slots = jax.ShapeDtypeStruct((n_tok,), jnp.int32)
 
     def f(qkv, kp, vp, slots):
@@ -332,7 +335,7 @@ def test_lowering_append_passes_packed_kv(platform, three_d):
     packed_ops = [o for o, t in zip(ops, types) if t == ttype]
     assert packed_ops and all(re.fullmatch(r"%arg0", o) for o in packed_ops), (ops, types)
     assert not _FORBIDDEN.findall(text[: text.index(line)])
-    assert _int_attr(line, "k_offset") == HQ * D
-    assert _int_attr(line, "v_offset") == (HQ + HKV) * D
-    assert _ints_attr(line, "k_strides") == [W, D]
-    assert _ints_attr(line, "v_strides") == [W, D]
+    assert _int_attr(line, "k_offset") == HQ * LD
+    assert _int_attr(line, "v_offset") == (HQ + HKV) * LD
+    assert _ints_attr(line, "k_strides") == [W, LD]
+    assert _ints_attr(line, "v_strides") == [W, LD]

@@ -1,0 +1,417 @@
+"""Causal prefill: jax_paged_attn.paged_prefill against cuDNN dense flash attention, cuDNN
+paged attention and the XLA reference, in one run, with a bf16 matmul ceiling measured in
+the same run.
+
+    python benchmarks/bench_prefill.py [--quick] [--impls ours,cudnn,xla] [--out DIR]
+                                       [--cpu-smoke]
+
+Points: Hq=32 Hkv=8 D=128 bf16, page 16, every request a full causal prefill (q_len =
+kv_len = L) at (B, L) = (4, 2048), (1, 8192), (1, 16384) (the last when device memory
+allows). FLOPs = 4 * sum over query rows of visible keys * Hq * D (causal: L(L+1)/2 rows*keys
+per request). Every peer's output is compared with ours (rel L2); ours with the reference
+in float32. Writes prefill.json, prefill.md and prefill.png under --out.
+
+--impls: "cudnn" runs both cuDNN dense (jax.nn.dot_product_attention, implementation=
+"cudnn", is_causal=True, on contiguous copies of the pages) and cuDNN paged; "pallas" is
+accepted and reported as skipped (the Pallas GPU paged op is decode-only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import common as C  # noqa: E402
+
+IMPLS = ("ours", "cudnn", "cudnn-dense", "cudnn-paged", "pallas", "xla")
+DEFAULT_IMPLS = ("ours", "cudnn", "xla")
+REL_TOL = 2e-2
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    batch: int
+    length: int
+    hq: int = 32
+    hkv: int = 8
+    d: int = 128
+    page: int = 16
+
+    @property
+    def name(self) -> str:
+        return f"{self.batch}x{self.length}"
+
+    @property
+    def config(self) -> str:
+        return f"Hq{self.hq}/Hkv{self.hkv} D{self.d} p{self.page} bf16 causal"
+
+    @property
+    def flops(self) -> float:
+        visible = self.length * (self.length + 1) // 2      # sum_i (i + 1)
+        return 4.0 * self.batch * visible * self.hq * self.d
+
+    def bytes_estimate(self) -> int:
+        t = self.batch * self.length
+        q = t * self.hq * self.d * 2
+        kv = 2 * t * self.hkv * self.d * 2
+        # q, out (x2 impls kept), pages, dense copies, reference working set (~2 GiB bound)
+        return 4 * q + 2 * kv + 2 * C.GiB
+
+
+def points(quick: bool, smoke: bool) -> list[Point]:
+    if smoke:
+        small = dict(hq=4, hkv=2, d=64)
+        return [Point(2, 128, **small), Point(1, 256, **small)]
+    pts = [Point(4, 2048), Point(1, 8192)]
+    if not quick:
+        pts.append(Point(1, 16384))
+    return pts
+
+
+@dataclasses.dataclass
+class Inputs:
+    q: jax.Array                  # [B*L, Hq, D]
+    cache: C.PagedCache
+    cu_seqlens: jax.Array         # [B+1]
+
+
+def build_inputs(pt: Point, seed: int) -> Inputs:
+    kc, kq = jax.random.split(jax.random.key(seed * 104729 + 7))
+    cache = C.make_paged_cache(kc, batch=pt.batch, max_len=pt.length, num_kv_heads=pt.hkv,
+                               head_dim=pt.d, page_size=pt.page)
+    q = C.random_array(kq, (pt.batch * pt.length, pt.hq, pt.d), jnp.bfloat16)
+    cu = jnp.asarray(np.arange(pt.batch + 1, dtype=np.int32) * pt.length)
+    return Inputs(q, cache, cu)
+
+
+@dataclasses.dataclass
+class Built:
+    label: str
+    fn: object
+    args: tuple
+    to_tokens: object
+    owned: list = dataclasses.field(default_factory=list)
+    note: str = ""
+
+
+def build_ours(pt, x):
+    import jax_paged_attn as jpa
+    L = pt.length
+
+    def fn(q, k, v, bt, sl, cu):
+        return jpa.paged_prefill(q, k, v, bt, sl, cu, max_q_len=L, causal=True)
+
+    c = x.cache
+    return [Built("ours", fn, (x.q, c.k, c.v, c.block_tables, c.seq_lens, x.cu_seqlens),
+                  lambda o: o)]
+
+
+def build_xla(pt, x):
+    from jax_paged_attn import reference
+    L = pt.length
+
+    def fn(q, k, v, bt, sl, cu):
+        return reference.paged_prefill(q, k, v, bt, sl, cu, max_q_len=L, causal=True)
+
+    c = x.cache
+    return [Built("xla", fn, (x.q, c.k, c.v, c.block_tables, c.seq_lens, x.cu_seqlens),
+                  lambda o: o)]
+
+
+def build_cudnn_dense(pt, x):
+    # jax.nn.dot_product_attention(query [B,T,N,H], key/value [B,S,K,H], *, scale,
+    #   is_causal, implementation="cudnn"): GQA when N % K == 0. The pages are gathered into
+    # contiguous [B, L, Hkv, D] copies outside the timed region.
+    b, L, hq, d = pt.batch, pt.length, pt.hq, pt.d
+    kd = C.dense_kv(x.cache.k, x.cache.block_tables)
+    vd = C.dense_kv(x.cache.v, x.cache.block_tables)
+    jax.block_until_ready((kd, vd))
+    scale = 1.0 / math.sqrt(d)
+
+    def fn(q, k, v):
+        return jax.nn.dot_product_attention(q.reshape(b, L, hq, d), k, v, scale=scale,
+                                            is_causal=True, implementation="cudnn")
+
+    return [Built("cudnn-dense", fn, (x.q, kd, vd), lambda o: o.reshape(b * L, hq, d),
+                  owned=[kd, vd])]
+
+
+def build_cudnn_paged(pt, x):
+    # jax._src.cudnn.fused_attention_stablehlo.paged_attention (private): query [B,T,N,H],
+    # pools [B*blocks, block, N_kv, H] (our NHD, pool exactly B*blocks), page tables
+    # [B,1,blocks,1], q_seqlen/kv_seqlen [B]. T == S here, so CAUSAL's diagonal alignment
+    # does not matter; PADDING_CAUSAL is tried when CAUSAL is refused.
+    from jax._src.cudnn import fused_attention_stablehlo as fa
+    b, L, hq, d = pt.batch, pt.length, pt.hq, pt.d
+    scale = 1.0 / math.sqrt(d)
+    qs = jnp.full((b,), L, jnp.int32)
+    c = x.cache
+    variants = []
+    for mask in (fa.MaskType.CAUSAL, fa.MaskType.PADDING_CAUSAL):
+        def fn(q, k, v, bt, sl, qs, _m=mask):
+            pt4 = bt.reshape(b, 1, bt.shape[1], 1)
+            out = fa.paged_attention(q.reshape(b, L, hq, d), k, v, qs, sl, pt4, pt4,
+                                     scale=scale, mask_type=_m, qkv_layout="BTNH")
+            return out[0] if isinstance(out, (tuple, list)) else out
+
+        variants.append(Built("cudnn-paged", fn,
+                              (x.q, c.k, c.v, c.block_tables, c.seq_lens, qs),
+                              lambda o: o.reshape(b * L, hq, d), note=f"mask {mask.name}"))
+    return variants
+
+
+def build_pallas(pt, x):
+    raise C.Unsupported("Pallas GPU paged_attention is decode-only")
+
+
+BUILDERS = {"ours": build_ours, "cudnn-dense": build_cudnn_dense,
+            "cudnn-paged": build_cudnn_paged, "pallas": build_pallas, "xla": build_xla}
+
+
+def expand_impls(names):
+    out = []
+    for n in names:
+        for m in (("cudnn-dense", "cudnn-paged") if n == "cudnn" else (n,)):
+            if m not in out:
+                out.append(m)
+    return out
+
+
+def reference_f32(pt, x):
+    from jax_paged_attn import reference
+    c = x.cache
+    f = jax.jit(lambda q, k, v, bt, sl, cu: reference.paged_prefill(
+        q, k, v, bt, sl, cu, max_q_len=pt.length, causal=True, out_dtype=jnp.float32))
+    return jax.block_until_ready(f(x.q, c.k, c.v, c.block_tables, c.seq_lens, x.cu_seqlens))
+
+
+def run_impl(name, pt, x, timer):
+    row = {"point": pt.name, "config": pt.config, "impl": name, "B": pt.batch,
+           "L": pt.length}
+    try:
+        variants = BUILDERS[name](pt, x)
+    except C.Unsupported as e:
+        row["status"] = f"skipped: {e}"
+        return row, None
+    except Exception as e:
+        row["status"] = f"error (setup): {C.short_error(e)}"
+        return row, None
+    built, out, errors = None, None, []
+    for cand in variants:
+        try:
+            jfn = jax.jit(cand.fn)
+            out = jax.block_until_ready(jfn(*cand.args))
+            built = cand
+            break
+        except Exception as e:
+            errors.append(C.short_error(e))
+    if built is None:
+        row["status"] = "error: " + " | ".join(errors)
+        C.free([o for v in variants for o in v.owned])
+        return row, None
+    if built.note:
+        row["note"] = built.note
+    tokens = None
+    try:
+        # A copy: the outputs are deleted below, and a reshape might share their buffer.
+        tokens = jnp.array(built.to_tokens(out), copy=True)
+        t = timer.time(jfn, built.args, out_bytes=C.tree_nbytes(out))
+        row.update(status="ok", us=t.us, p10_us=t.p10_us, p90_us=t.p90_us,
+                   wall_us=t.wall_us, samples=t.samples, method=t.method, flops=pt.flops,
+                   tflops=pt.flops / (t.us * 1e-6) / 1e12)
+        if t.note:
+            row["note"] = (row.get("note", "") + "; " + t.note).strip("; ")
+        ks = timer.kernels(jfn, built.args)
+        if ks is not None:
+            row["kernels"] = ks           # one call's kernels (all input sets), CUPTI
+    except Exception as e:
+        row["status"] = f"error (timing): {C.short_error(e)}"
+    finally:
+        C.free([o for o in jax.tree_util.tree_leaves(out) if o is not tokens])
+        C.free(built.owned)
+    return row, tokens
+
+
+def run_point(pt, impls, timer, seed, check_ref):
+    x = build_inputs(pt, seed)
+    rows, outs = [], {}
+    for name in impls:
+        row, tok = run_impl(name, pt, x, timer)
+        rows.append(row)
+        if tok is not None:
+            outs[name] = tok
+        _print_row(row)
+    ref = None
+    if check_ref:
+        try:
+            ref = reference_f32(pt, x)
+        except Exception as e:
+            C.log(f"    reference (f32) failed: {C.short_error(e)}")
+    for row in rows:
+        name = row["impl"]
+        if name not in outs:
+            continue
+        if name == "ours" or "ours" not in outs:
+            base, base_name = ref, "ref-f32"
+        else:
+            base, base_name = outs["ours"], "ours"
+        if base is None:
+            continue
+        try:
+            row["rel_l2"] = C.rel_l2(outs[name], base)
+            row["rel_vs"] = base_name
+            if not (row["rel_l2"] <= REL_TOL):
+                row["check"] = "MISMATCH"
+        except Exception as e:
+            row["rel_l2_error"] = C.short_error(e)
+    checks = [f"{r_['impl']} vs {r_['rel_vs']} {r_['rel_l2']:.1e}"
+              + (" MISMATCH" if r_.get("check") else "") for r_ in rows if "rel_l2" in r_]
+    if checks:
+        C.log("    rel L2: " + "; ".join(checks))
+    dense = next((r for r in rows if r["impl"] == "cudnn-dense" and "us" in r), None)
+    paged = next((r for r in rows if r["impl"] == "cudnn-paged" and "us" in r), None)
+    for row in rows:
+        if "us" in row:
+            if dense:
+                row["vs_cudnn_dense"] = dense["us"] / row["us"]
+            if paged:
+                row["vs_cudnn_paged"] = paged["us"] / row["us"]
+    C.free(list(outs.values()), ref, x.q, x.cu_seqlens, x.cache.arrays())
+    return rows
+
+
+def _print_row(row):
+    if row.get("status") == "ok":
+        C.log(f"    {row['impl']:<12} {row['us']:10.1f} us  {row['tflops']:7.1f} TFLOP/s  "
+              f"[{row['method']}, wall {C.fmt_num(row.get('wall_us'), '.1f')} us] "
+              f"{row.get('note', '')}")
+    else:
+        C.log(f"    {row['impl']:<12} {row.get('status')}")
+
+
+COLUMNS = [("point", "point", ""), ("config", "config", ""), ("impl", "impl", ""),
+           ("B", "B", "d"), ("L", "L", "d"), ("time us", "us", ".1f"),
+           ("TFLOP/s", "tflops", ".1f"), ("% matmul", "pct_matmul", ".1f"),
+           ("vs cuDNN dense (x)", "vs_cudnn_dense", ".2f"),
+           ("vs cuDNN paged (x)", "vs_cudnn_paged", ".2f"), ("rel L2", "rel_l2", ".1e"),
+           ("vs", "rel_vs", ""), ("check", "check", ""), ("wall us", "wall_us", ".1f"),
+           ("timer", "method", ""), ("status", "status", "")]
+
+
+def finalize(rows, matmul):
+    peak = matmul.get("tflops")
+    for row in rows:
+        if peak and row.get("tflops"):
+            row["pct_matmul"] = 100.0 * row["tflops"] / peak
+
+
+def write_outputs(outdir, meta, rows, plot=False):
+    C.write_json(os.path.join(outdir, "prefill.json"), {"meta": meta, "rows": rows})
+    md = [f"# Causal prefill ({meta['device'].get('device_kind')}, jax {meta['device']['jax']})",
+          "", f"Timer: {meta['timer']}; bf16 matmul ceiling "
+          f"{C.fmt_num(meta['matmul'].get('tflops'), '.0f')} TFLOP/s ({meta['matmul'].get('n')}^3). "
+          "FLOPs = 4 * sum(q_len * kv_visible) * Hq * D; 'vs' columns = peer time / time.", "",
+          C.markdown_table(rows, COLUMNS), ""]
+    with open(os.path.join(outdir, "prefill.md"), "w") as f:
+        f.write("\n".join(md))
+    if not plot:
+        return ""
+    groups = []
+    for r in rows:
+        if r["point"] not in groups and r.get("tflops"):
+            groups.append(r["point"])
+    impls = []
+    for r in rows:
+        if r["impl"] not in impls and r.get("tflops"):
+            impls.append(r["impl"])
+    series = {i: [next((r.get("tflops") for r in rows
+                        if r["point"] == g and r["impl"] == i and r.get("tflops")), None)
+                  for g in groups] for i in impls}
+    return C.try_plot_bars(os.path.join(outdir, "prefill.png"), groups, series,
+                           ylabel="TFLOP/s (causal FLOPs)",
+                           title=f"Causal prefill, {meta['device'].get('device_kind')}",
+                           hline=meta["matmul"].get("tflops"),
+                           hline_label="bf16 matmul ceiling")
+
+
+def main(argv=None):
+    p = C.base_parser(__doc__.splitlines()[0], IMPLS)
+    p.set_defaults(impls=",".join(DEFAULT_IMPLS))
+    p.add_argument("--no-ref-check", action="store_true",
+                   help="skip the float32 reference used to check ours")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    impls = expand_impls(C.parse_impls(args.impls, IMPLS))
+    outdir = C.out_dir(args.out)
+    t_start = time.time()
+    info = C.device_info()
+    C.log(f"device: {info}")
+    C.check_backend(args)
+    reps = C.resolve_reps(args)
+    timer = C.Timer(reps=reps, use_cupti=not args.no_cupti)
+    C.log(f"timer: CUPTI {timer.cupti_status}; {reps} samples per measurement")
+    matmul = C.measure_matmul_ceiling(timer, 256 if args.cpu_smoke else 8192)
+    C.log(f"bf16 matmul ceiling: {C.fmt_num(matmul.get('tflops'), '.1f')} TFLOP/s "
+          f"{matmul.get('error', '')}")
+
+    meta = {"device": info, "timer": f"CUPTI {timer.cupti_status}", "reps": reps,
+            "matmul": matmul, "impls": impls, "argv": sys.argv[1:]}
+    limit = C.device_memory_limit()
+    rows: list[dict] = []
+    pts = points(args.quick, args.cpu_smoke)
+    for i, pt in enumerate(pts):
+        elapsed = time.time() - t_start
+        skip = None
+        if elapsed > args.budget_s:
+            skip = f"skipped: time budget ({args.budget_s:.0f}s) spent"
+        elif limit and pt.bytes_estimate() > 0.8 * limit:
+            skip = (f"skipped: needs ~{pt.bytes_estimate() / C.GiB:.1f} GiB of "
+                    f"{limit / C.GiB:.1f} GiB")
+        if skip:
+            C.log(f"[{i + 1}/{len(pts)}] {pt.name}: {skip}")
+            rows.append({"point": pt.name, "config": pt.config, "impl": "-", "B": pt.batch,
+                         "L": pt.length, "status": skip})
+            continue
+        C.log(f"[{i + 1}/{len(pts)}] {pt.name} ({pt.config}) t={elapsed:.0f}s")
+        try:
+            rows += run_point(pt, impls, timer, args.seed + i, not args.no_ref_check)
+        except Exception as e:
+            C.log(f"    point failed: {C.short_error(e)}")
+            C.print_traceback_tail(e)
+            rows.append({"point": pt.name, "config": pt.config, "impl": "-", "B": pt.batch,
+                         "L": pt.length, "status": f"error (point): {C.short_error(e)}"})
+            C.free()
+        finalize(rows, matmul)
+        write_outputs(outdir, meta, rows)
+
+    meta["total_s"] = time.time() - t_start
+    finalize(rows, matmul)
+    why = write_outputs(outdir, meta, rows, plot=True)
+    C.log("")
+    C.log(f"bf16 matmul ceiling {C.fmt_num(matmul.get('tflops'), '.0f')} TFLOP/s; timer CUPTI "
+          f"{timer.cupti_status}; {reps} samples; total {meta['total_s']:.0f}s")
+    if why:
+        C.log(f"(no PNG: {why})")
+    C.log(f"outputs in {outdir}: prefill.json, prefill.md" + ("" if why else ", prefill.png"))
+    C.log("")
+    short = [("point", "point", ""), ("impl", "impl", ""), ("us", "us", ".1f"),
+             ("TFLOP/s", "tflops", ".1f"), ("%matmul", "pct_matmul", ".1f"),
+             ("vs dense", "vs_cudnn_dense", ".2f"), ("vs paged", "vs_cudnn_paged", ".2f"),
+             ("relL2", "rel_l2", ".1e"), ("vs", "rel_vs", ""), ("check", "check", ""),
+             ("status", "status", "")]
+    C.log(C.markdown_table(rows, short))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

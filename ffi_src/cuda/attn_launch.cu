@@ -1,0 +1,169 @@
+// Host side of decode and prefill: checks what the kernels support, picks the tile shape and
+// the number of KV splits (from the SM count, the occupancy of the chosen kernel, the grid the
+// batch gives and the workspace it was handed; nothing read from device memory), lays out the
+// workspace and launches prepare -> tiles -> (merge). Graph-capture safe: only launches, plus
+// cached host-side queries of device attributes.
+#include <cmath>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <tuple>
+
+#include "attn_launch.h"
+#include "attn_tile.cuh"
+#include "cuda_utils.cuh"
+#include "launchers.h"
+
+namespace jpa {
+namespace {
+
+using cuda::AttnLaunch;
+using cuda::DeviceInfo;
+using cuda::TileInfo;
+
+cudaError_t tiles_for_dim(int64_t d, const AttnLaunch* L, bool decode_shape, DType page_dtype,
+                          TileInfo* info, dim3 grid, cudaStream_t stream) {
+  switch (d) {
+    case 64: return cuda::attn_tiles_d64(L, decode_shape, page_dtype, info, grid, stream);
+    case 128: return cuda::attn_tiles_d128(L, decode_shape, page_dtype, info, grid, stream);
+    case 256: return cuda::attn_tiles_d256(L, decode_shape, page_dtype, info, grid, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+// Occupancy facts per (device, head_dim, shape, page dtype), queried once.
+cudaError_t cached_tile_info(int dev, int64_t d, bool decode_shape, DType page_dtype,
+                             TileInfo* out) {
+  using Key = std::tuple<int, int64_t, bool, int>;
+  static std::mutex mu;
+  static std::map<Key, TileInfo> cache;
+  const Key key{dev, d, decode_shape, int(page_dtype)};
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(key);
+  if (it == cache.end()) {
+    TileInfo ti;
+    JPA_CUDA_TRY(tiles_for_dim(d, nullptr, decode_shape, page_dtype, &ti, dim3(), nullptr));
+    it = cache.emplace(key, ti).first;
+  }
+  *out = it->second;
+  return cudaSuccess;
+}
+
+DType compute_dtype(DType page_dtype) {
+  return page_dtype == DType::kBF16 ? DType::kBF16 : DType::kF16;
+}
+
+int page_shift_of(int64_t page_size) {
+  if (page_size <= 0 || (page_size & (page_size - 1)) != 0) return -1;
+  int s = 0;
+  while ((int64_t(1) << s) < page_size) ++s;
+  return s;
+}
+
+cudaError_t LaunchAttention(const AttnParams& p, cudaStream_t stream) {
+  const int64_t D = p.head_dim;
+  if (D != 64 && D != 128 && D != 256) return cudaErrorInvalidValue;
+  if (p.q.dtype != DType::kBF16 && p.q.dtype != DType::kF16) return cudaErrorInvalidValue;
+  const DType pd = p.kv.dtype;
+  if (pd != DType::kBF16 && pd != DType::kF16 && pd != DType::kF8E4M3)
+    return cudaErrorInvalidValue;
+  if (p.out_dtype != DType::kBF16 && p.out_dtype != DType::kF16 && p.out_dtype != DType::kF32)
+    return cudaErrorInvalidValue;
+  if (p.kv.num_heads <= 0 || p.num_q_heads % p.kv.num_heads != 0 || p.kv.page_size <= 0)
+    return cudaErrorInvalidValue;
+  if (p.num_tokens == 0 || p.num_q_heads == 0) return cudaSuccess;  // nothing to write
+  // The kernels index rows, keys and grid dimensions with 32-bit integers.
+  if (p.num_tokens * p.num_q_heads >= (int64_t(1) << 31) || p.batch > 65535 ||
+      p.kv.page_size >= (int64_t(1) << 31) || p.max_q_len >= (int64_t(1) << 31))
+    return cudaErrorInvalidValue;
+
+  const int64_t B = p.batch;
+  const int64_t Hkv = p.kv.num_heads;
+  const int64_t G = p.num_q_heads / Hkv;
+
+  AttnLaunch L;
+  L.p = p;
+  L.group = int32_t(G);
+  L.page_shift = page_shift_of(p.kv.page_size);
+
+  const int64_t meta_bytes = cuda::ws_meta_bytes(B);
+  if (p.workspace == nullptr || p.workspace_bytes < meta_bytes) return cudaErrorInvalidValue;
+  L.meta = static_cast<cuda::ReqMeta*>(p.workspace);
+
+  if (B == 0) {  // prefill with no requests: every row is padding
+    return cuda::launch_attn_prepare(L, stream);
+  }
+
+  DeviceInfo di;
+  int dev = 0;
+  JPA_CUDA_TRY(cuda::current_device_info(&di, &dev));
+  const bool decode_shape = p.max_q_len * G <= 16;
+  TileInfo ti;
+  JPA_CUDA_TRY(cached_tile_info(dev, D, decode_shape, pd, &ti));
+  if (ti.smem_bytes > di.max_smem_optin || ti.ctas_per_sm < 1) return cudaErrorInvalidConfiguration;
+
+  const int64_t row_blocks = (p.max_q_len * G + ti.block_rows - 1) / ti.block_rows;
+  if (row_blocks > 65535) return cudaErrorInvalidValue;
+  L.row_blocks = int32_t(row_blocks);
+
+  // KV splits. Candidates: at most ~4 waves of CTAs (and kMaxTargetCtas), at least
+  // kMinKeysPerSplit keys of the table's capacity per split, at most kMaxSplits, and what the
+  // workspace holds. Among them the count whose last wave is fullest (uniform lengths make the
+  // wave model exact), preferring fewer splits unless more fill the waves 1% better.
+  const int64_t base = B * Hkv * row_blocks;
+  const int64_t slots = int64_t(di.num_sms) * ti.ctas_per_sm;
+  int64_t want = 4 * slots;
+  if (want > cuda::kMaxTargetCtas) want = cuda::kMaxTargetCtas;
+  int64_t s_hi = (want + base - 1) / base;
+  const int64_t capacity = p.max_pages_per_req * p.kv.page_size;
+  int64_t cap_splits = capacity / cuda::kMinKeysPerSplit;
+  if (cap_splits < 1) cap_splits = 1;
+  if (s_hi > cap_splits) s_hi = cap_splits;
+  if (s_hi > cuda::kMaxSplits) s_hi = cuda::kMaxSplits;
+  const int64_t rows = p.num_tokens * p.num_q_heads;
+  while (s_hi > 1 && meta_bytes + cuda::ws_split_bytes(s_hi, rows, D) > p.workspace_bytes) --s_hi;
+  auto wave_fill = [&](int64_t s) {
+    const double w = double(base * s) / double(slots);
+    const double full = w < 1.0 ? 1.0 : std::ceil(w);
+    return w / full;
+  };
+  int64_t splits = 1;
+  double best = wave_fill(1);
+  for (int64_t s = 2; s <= s_hi; ++s) {
+    const double f = wave_fill(s);
+    if (f > best + 0.01) {
+      best = f;
+      splits = s;
+    }
+  }
+  if (splits > 1) {
+    char* ws = static_cast<char*>(p.workspace) + meta_bytes;
+    L.part_lse = reinterpret_cast<float*>(ws);
+    L.part_out = reinterpret_cast<float*>(ws + cuda::align_up(splits * rows * 4, cuda::kWsAlign));
+  }
+  L.num_splits = int32_t(splits);
+
+  const uintptr_t qaddr = reinterpret_cast<uintptr_t>(p.q.ptr);
+  L.q_vec = p.q.dtype == compute_dtype(pd) && qaddr % 16 == 0 && p.q.stride_tok % 8 == 0 &&
+            p.q.stride_head % 8 == 0;
+
+  JPA_CUDA_TRY(cuda::launch_attn_prepare(L, stream));
+  const dim3 grid(unsigned(splits * Hkv), unsigned(B), unsigned(row_blocks));
+  JPA_CUDA_TRY(tiles_for_dim(D, &L, decode_shape, pd, nullptr, grid, stream));
+  if (splits > 1) JPA_CUDA_TRY(cuda::launch_attn_merge(L, stream));
+  return cudaSuccess;
+}
+
+}  // namespace
+
+cudaError_t LaunchPagedDecode(const AttnParams& p, cudaStream_t stream) {
+  if (!p.is_decode()) return cudaErrorInvalidValue;
+  return LaunchAttention(p, stream);
+}
+
+cudaError_t LaunchPagedPrefill(const AttnParams& p, cudaStream_t stream) {
+  if (p.is_decode()) return cudaErrorInvalidValue;
+  return LaunchAttention(p, stream);
+}
+
+}  // namespace jpa

@@ -1,0 +1,155 @@
+// Small CUDA building blocks shared by the kernels of this directory: error checking, cached
+// device properties, 16-bit element types, and thin inline-PTX wrappers (cp.async, ldmatrix,
+// mma.sync m16n8k16). Knows no XLA type.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "../common/dtypes.h"
+
+// Return the first CUDA error from a runtime call (used in host launch code).
+#define JPA_CUDA_TRY(expr)                     \
+  do {                                         \
+    cudaError_t jpa_err_ = (expr);             \
+    if (jpa_err_ != cudaSuccess) return jpa_err_; \
+  } while (0)
+
+// After a kernel launch: report configuration/launch errors right away.
+#define JPA_CHECK_LAUNCH() JPA_CUDA_TRY(cudaGetLastError())
+
+namespace jpa {
+namespace cuda {
+
+// Per-device facts read once per process and device (no device memory is touched).
+struct DeviceInfo {
+  int num_sms = 0;
+  int max_smem_optin = 0;  // bytes of dynamic shared memory a block may opt into
+};
+
+// Facts about the current device (cudaGetDevice), cached after the first call.
+cudaError_t current_device_info(DeviceInfo* info, int* device);
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// ---- 16-bit compute types --------------------------------------------------------------------
+
+template <typename T>
+struct TypeTraits;
+
+template <>
+struct TypeTraits<__nv_bfloat16> {
+  static constexpr DType kDType = DType::kBF16;
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ uint16_t from_float(float x) {
+    __nv_bfloat16 v = __float2bfloat16_rn(x);
+    return *reinterpret_cast<uint16_t*>(&v);
+  }
+};
+
+template <>
+struct TypeTraits<__half> {
+  static constexpr DType kDType = DType::kF16;
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ uint16_t from_float(float x) {
+    __half v = __float2half_rn(x);
+    return *reinterpret_cast<uint16_t*>(&v);
+  }
+};
+
+// fp8 e4m3 -> float, exactly (every e4m3 value is representable in fp16 and bf16 too).
+__device__ __forceinline__ float fp8_to_float(uint32_t b) {
+  return f8e4m3_to_float(static_cast<uint8_t>(b & 0xffu));
+}
+
+// ---- PTX wrappers ------------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte async copy global -> shared; src_bytes 0 zero-fills the destination without reading.
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// D = A * B + D for one m16n8k16 tile, fp32 accumulators.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                          uint32_t b1);
+
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
+                                                         uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4],
+                                                  uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// ---- output stores -----------------------------------------------------------------------------
+
+// Store 4 consecutive floats as `dt` (bf16 / f16 / f32) at element index i (i % 4 == 0 and the
+// buffer 8/16-byte aligned). Rounds to nearest even.
+__device__ __forceinline__ void store4(void* base, int64_t i, DType dt, float4 v) {
+  if (dt == DType::kF32) {
+    *reinterpret_cast<float4*>(static_cast<float*>(base) + i) = v;
+  } else if (dt == DType::kBF16) {
+    uint2 u;
+    u.x = TypeTraits<__nv_bfloat16>::pack(v.x, v.y);
+    u.y = TypeTraits<__nv_bfloat16>::pack(v.z, v.w);
+    *reinterpret_cast<uint2*>(static_cast<uint16_t*>(base) + i) = u;
+  } else {
+    uint2 u;
+    u.x = TypeTraits<__half>::pack(v.x, v.y);
+    u.y = TypeTraits<__half>::pack(v.z, v.w);
+    *reinterpret_cast<uint2*>(static_cast<uint16_t*>(base) + i) = u;
+  }
+}
+
+}  // namespace cuda
+}  // namespace jpa

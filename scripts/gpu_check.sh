@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# One-shot check on a machine with an NVIDIA GPU (no internet needed): build the extension with
+# the CUDA kernels in place, run the GPU suite, the CPU suite, compute-sanitizer (memcheck and
+# racecheck) on a small representative script, and a quick benchmark. Logs go to $OUT
+# (default ./out); a summary table is printed last.
+#
+#   scripts/gpu_check.sh                      # build tests sanitize bench cpu
+#   scripts/gpu_check.sh build tests          # only some parts (build is implied if needed)
+#
+# Per-part time limits (seconds) can be set with T_BUILD, T_TESTS, T_CPU, T_SAN, T_BENCH.
+# Extra pytest arguments for the GPU suite: PYTEST_GPU_ARGS (e.g. "-k decode").
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-./out}
+mkdir -p "$OUT"
+PARTS=${*:-build tests sanitize bench cpu}
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
+if [ -z "${CUDACXX:-}" ]; then
+  CUDACXX=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+  export CUDACXX
+fi
+
+SUMMARY=()
+: >"$OUT/summary.txt"
+note() {  # also appended to $OUT/summary.txt at once, in case a later part is cut off
+  local line
+  line=$(printf '%-12s %-8s %6ss  %s' "$1" "$2" "$3" "$4")
+  SUMMARY+=("$line")
+  echo "$line" >>"$OUT/summary.txt"
+}
+has() { case " $PARTS " in *" $1 "*) return 0 ;; esac; return 1; }
+
+run_part() {  # name timeout logfile cmd...
+  local name=$1 limit=$2 log=$3; shift 3
+  local t0=$(date +%s)
+  timeout --signal=TERM --kill-after=15 "$limit" "$@" >"$log" 2>&1
+  local rc=$?
+  local dt=$(( $(date +%s) - t0 ))
+  echo "[$name] rc=$rc ${dt}s (log: $log)"
+  LAST_RC=$rc
+  LAST_DT=$dt
+}
+
+pytest_counts() {  # last pytest summary line of a log
+  grep -E "^(=+ )?[0-9]+ (passed|failed|error|skipped)|^=+ .*(passed|failed|error).* in " "$1" \
+    | tail -1 | sed -E 's/=+//g; s/^ +//'
+}
+
+# ---------------------------------------------------------------------------- build
+if has build || ! ls jax_paged_attn/_jpa_ffi*.so >/dev/null 2>&1; then
+  run_part build "${T_BUILD:-300}" "$OUT/build.log" env JPA_CUDA=ON \
+    "$PY" -m pip install --no-build-isolation --no-deps -v -e . \
+    -C cmake.define.CMAKE_CUDA_ARCHITECTURES=90 -C build-dir=build/gpu
+  if [ "$LAST_RC" = 0 ]; then
+    # Make the in-tree package importable whatever the editable mode does.
+    so=$(find build/gpu -name '_jpa_ffi*.so' -newer pyproject.toml | head -1)
+    [ -n "$so" ] && cp -f "$so" jax_paged_attn/
+    "$PY" -c "import jax_paged_attn as j; print('cuda kernels:', j._registry.has_cuda_kernels())" \
+      >>"$OUT/build.log" 2>&1
+    grep -E "spill|ptxas (warning|error)" "$OUT/build.log" | sort -u | head -20 >>"$OUT/build.log"
+    note build ok "$LAST_DT" "$(tail -1 "$OUT/build.log")"
+  else
+    note build FAIL "$LAST_DT" "$(grep -m1 -E 'error' "$OUT/build.log")"
+    printf '%s\n' "${SUMMARY[@]}"
+    exit 1
+  fi
+fi
+
+# ---------------------------------------------------------------------------- GPU tests
+if has tests; then
+  # SHARDS pytest processes share the GPU (compilation is the bottleneck, not the GPU).
+  SHARDS=${SHARDS:-4}
+  t0=$(date +%s)
+  pids=()
+  for k in $(seq 0 $((SHARDS - 1))); do
+    JPA_TEST_SHARD="$k/$SHARDS" timeout --kill-after=15 "${T_TESTS:-200}" \
+      "$PY" -m pytest -q -rfE --durations=8 -p no:cacheprovider tests/test_gpu.py \
+      ${PYTEST_GPU_ARGS:-} >"$OUT/.gpu_tests_$k.log" 2>&1 &
+    pids+=($!)
+  done
+  rcs=""
+  for pid in "${pids[@]}"; do wait "$pid"; rcs="$rcs $?"; done
+  dt=$(( $(date +%s) - t0 ))
+  : >"$OUT/gpu_tests.log"
+  counts=""
+  for k in $(seq 0 $((SHARDS - 1))); do
+    echo "######## shard $k/$SHARDS" >>"$OUT/gpu_tests.log"
+    cat "$OUT/.gpu_tests_$k.log" >>"$OUT/gpu_tests.log"
+    counts="$counts [$(pytest_counts "$OUT/.gpu_tests_$k.log")]"
+    rm -f "$OUT/.gpu_tests_$k.log"
+  done
+  echo "[tests] rc=$rcs ${dt}s"
+  note gpu-tests "rc=${rcs// /,}" "$dt" "$counts"
+fi
+
+# ---------------------------------------------------------------------------- sanitizer
+if has sanitize; then
+  for tool in memcheck racecheck; do
+    log="$OUT/sanitizer_$tool.log"
+    # Only our kernels are instrumented (kernel names contain jpa); fall back to all kernels
+    # if this compute-sanitizer does not know the filter option.
+    run_part "$tool" "${T_SAN:-150}" "$log" compute-sanitizer --tool "$tool" \
+      --kernel-name kns=jpa --error-exitcode 99 "$PY" scripts/sanitizer_cases.py
+    if ! grep -q "ERROR SUMMARY\|RACECHECK SUMMARY\|sanitizer_cases: done" "$log"; then
+      run_part "$tool" "${T_SAN:-150}" "$log" compute-sanitizer --tool "$tool" \
+        --error-exitcode 99 "$PY" scripts/sanitizer_cases.py
+    fi
+    summ=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$log" | tail -1)
+    done_ok=$(grep -c "sanitizer_cases: done" "$log")
+    note "$tool" "rc=$LAST_RC" "$LAST_DT" "${summ:-no summary} (script done: $done_ok)"
+  done
+fi
+
+# ---------------------------------------------------------------------------- bench
+if has bench; then
+  run_part bench "${T_BENCH:-150}" "$OUT/bench.log" "$PY" scripts/bench_gpu.py --json "$OUT/bench.json"
+  note bench "rc=$LAST_RC" "$LAST_DT" "$(grep -E '^decode +B=32 L=4096 +jpa|^prefill +B=4' "$OUT/bench.log" | tr -s ' ' | head -2 | paste -sd';')"
+fi
+
+# ---------------------------------------------------------------------------- CPU suite
+if has cpu; then
+  run_part cpu "${T_CPU:-150}" "$OUT/cpu_tests.log" env JAX_PLATFORMS=cpu \
+    "$PY" -m pytest -q -p no:cacheprovider tests --ignore=tests/test_gpu.py
+  note cpu-tests "rc=$LAST_RC" "$LAST_DT" "$(pytest_counts "$OUT/cpu_tests.log")"
+fi
+
+echo "==================== gpu_check summary ===================="
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1
+printf '%s\n' "${SUMMARY[@]}"

@@ -1,0 +1,616 @@
+"""CUDA kernels against the float32 reference (skipped without a CUDA device).
+
+Every attention call runs twice, writing into a donated output buffer filled first with NaN
+and then with a finite pattern: the two results must be bitwise equal (so every element was
+written, and the kernels are deterministic), NaN may appear exactly in the rows of invalid
+requests, and the rest must match ``jax_paged_attn.reference`` within the dtype's relative-L2
+tolerance. Covered: the CPU option grid (cases.py) moved to GPU dtypes and head_dims, large
+shapes (batch 256, KV 32k, prefill 8k tokens, split-KV), head_dims 64/128/256, page sizes
+1/5/16/64/128, GQA groups 1/4/5/8/16, every feature, invalid metadata, append_kv (bitwise),
+strided q, and a run with XLA command buffers forced on (bitwise equal).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import subprocess
+import sys
+import textwrap
+import zlib
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+import jax.numpy as jnp  # noqa: E402
+
+import cases  # noqa: E402
+from conftest import assert_bitwise, assert_close  # noqa: E402
+
+
+def _gpu_device():
+    if os.environ.get("JPA_TEST_GPU_SUITE_ON_CPU") == "1":  # harness self-check only
+        return jax.devices("cpu")[0]
+    try:
+        devs = jax.devices("gpu")
+    except Exception:  # no CUDA backend / plugin
+        return None
+    return devs[0] if devs else None
+
+
+GPU = _gpu_device()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(GPU is None, reason="no CUDA device")]
+
+if GPU is not None:
+    import jax_paged_attn as jpa
+    from jax_paged_attn import reference as ref
+
+def _shard_spec():
+    """JPA_TEST_SHARD="k/n": this process runs every n-th parametrized case starting at k,
+    and its share of the unparametrized tests (scripts/gpu_check.sh runs n in parallel)."""
+    spec = os.environ.get("JPA_TEST_SHARD", "0/1")
+    k, n = (int(x) for x in spec.split("/"))
+    return k, n
+
+
+_SHARD_K, _SHARD_N = _shard_spec()
+
+
+def shard(items):
+    return [x for i, x in enumerate(items) if i % _SHARD_N == _SHARD_K]
+
+
+def on_shard(i):
+    return pytest.mark.skipif(_SHARD_K != i % _SHARD_N, reason=f"runs in shard {i % _SHARD_N}")
+
+LSE_TOL = 2e-5  # fp32 lse; the kernels use exp2/log2 and a different summation order
+_DT = cases.DTYPES
+_ARG_NAMES = ["q", "k_pages", "v_pages", "block_tables", "seq_lens", "cu_seqlens_q"]
+
+
+def _tol(q_dtype, kv_dtype, out_dtype):
+    """bf16 anywhere in the chain -> 1e-2, else (f16, fp8 pages widened to f16) 2e-3."""
+    names = {q_dtype, kv_dtype, out_dtype or q_dtype}
+    return 1e-2 if "bf16" in names else 2e-3
+
+
+def _on_gpu(x):
+    if isinstance(x, np.ndarray):
+        return jax.device_put(x, GPU)
+    return x
+
+
+def _split_kwargs(kwargs):
+    arrays = {k: _on_gpu(v) for k, v in kwargs.items() if isinstance(v, (np.ndarray, jax.Array))}
+    static = {k: v for k, v in kwargs.items() if k not in arrays}
+    return arrays, static
+
+
+@functools.lru_cache(maxsize=None)
+def _poisoned_fn(api_fn, static_items, q_view):
+    """jit(f(out_poison, lse_poison, args, array_kwargs)) with the poison buffers donated, so
+    XLA places the outputs in memory whose prior contents the caller chose. `q_view`:
+    (shape, strides, offset) when args[0] is the base buffer of a StridedView."""
+    static = dict(static_items)
+
+    def f(out_poison, lse_poison, args, akw):
+        del out_poison, lse_poison
+        if q_view is not None:
+            args = [jpa.StridedView(args[0], *q_view), *args[1:]]
+        res = api_fn(*args, **akw, **static)
+        return res if isinstance(res, tuple) else (res,)
+
+    return jax.jit(f, donate_argnums=(0, 1))
+
+
+@functools.lru_cache(maxsize=None)
+def _ref_fn(ref_fn, static_items):
+    static = dict(static_items)
+    static.update(out_dtype=np.float32, return_lse=True)
+    return jax.jit(lambda args, akw: ref_fn(*args, **akw, **static))
+
+
+def _freeze(static):
+    return tuple(sorted((k, v) for k, v in static.items()))
+
+
+def run_kernel(api_fn, inputs, poison):
+    """(out, lse or None) of the CUDA op with outputs poisoned by `poison`."""
+    args = [_on_gpu(a) for a in inputs.args]
+    akw, static = _split_kwargs(inputs.kwargs)
+    T, Hq, D = inputs.q.shape
+    out_dt = static.get("out_dtype") or inputs.q.dtype
+    out_p = jax.device_put(np.full((T, Hq, D), poison, np.float32).astype(out_dt), GPU)
+    lse_p = jax.device_put(np.full((T, Hq), poison, np.float32), GPU)
+    q_view = None
+    if isinstance(args[0], jpa.StridedView):
+        v = args[0]
+        q_view = (tuple(v.shape), tuple(v.strides), int(v.offset))
+        args[0] = v.base
+    res = _poisoned_fn(api_fn, _freeze(static), q_view)(out_p, lse_p, args, akw)
+    out = np.asarray(res[0])
+    lse = np.asarray(res[1]) if len(res) > 1 else None
+    return out, lse
+
+
+def run_ref(ref_fn, inputs):
+    args = [_on_gpu(a) for a in inputs.args]
+    if isinstance(args[0], jpa.StridedView):
+        args[0] = args[0].materialize()
+    akw, static = _split_kwargs(inputs.kwargs)
+    static.pop("return_lse", None)
+    static.pop("out_dtype", None)
+    with jax.default_matmul_precision("highest"):
+        out, lse = _ref_fn(ref_fn, _freeze(static))(args, akw)
+    return np.asarray(out), np.asarray(lse)
+
+
+def check(inputs, tol=None, expect_invalid=None):
+    """Poisoned double run, bitwise determinism, reference match, NaN rows exactly where the
+    semantics put them, padding rows 0 / -inf. Returns the relative L2 error of out."""
+    c = inputs.case
+    is_decode = c.kind == "decode"
+    api_fn = jpa.paged_decode if is_decode else jpa.paged_prefill
+    ref_fn = ref.paged_decode if is_decode else ref.paged_prefill
+    if tol is None:
+        tol = _tol(c.q_dtype, c.kv_dtype, c.out_dtype)
+
+    out1, lse1 = run_kernel(api_fn, inputs, np.nan)
+    out2, lse2 = run_kernel(api_fn, inputs, -1234.5)
+    assert_bitwise(out1, out2, "out (NaN-poisoned vs pattern-poisoned run)")
+    if lse1 is not None:
+        assert_bitwise(lse1, lse2, "lse (NaN-poisoned vs pattern-poisoned run)")
+
+    want_out, want_lse = run_ref(ref_fn, inputs)
+    err = assert_close(out1, want_out, tol, nan_ok=True, what="out")
+    if lse1 is not None:
+        # f16 q with bf16 pages computes in bf16 (q rounded once), which moves the logits.
+        lse_tol = 2e-3 if (c.q_dtype, c.kv_dtype) == ("f16", "bf16") else LSE_TOL
+        assert_close(lse1, want_lse, lse_tol, nan_ok=True, what="lse")
+
+    # NaN rows: exactly the invalid requests' rows (independent oracle in cases.py).
+    bad = cases.invalid_requests(
+        np.asarray(inputs.block_tables), np.asarray(inputs.seq_lens),
+        num_pages=inputs.num_pages, page_size=inputs.page_size, num_tokens=inputs.num_tokens,
+        cu_seqlens_q=None if is_decode else np.asarray(inputs.cu_seqlens_q),
+        q_len_per_req=c.q_len_per_req,
+        max_q_len=None if is_decode else inputs.kwargs["max_q_len"],
+        window_left=c.window_left)
+    if expect_invalid is not None:
+        assert bad == set(expect_invalid), f"test setup: invalid {bad} != {expect_invalid}"
+    nan_rows = cases.invalid_rows(inputs, bad)
+    row_nan = np.isnan(out1.astype(np.float32)).reshape(out1.shape[0], -1)
+    assert row_nan[nan_rows].all(), "invalid requests' rows must be all NaN"
+    assert not row_nan[~nan_rows].any(), "NaN outside the invalid requests' rows"
+    if not is_decode:
+        pad = cases.padding_rows(inputs)
+        assert (out1[pad].astype(np.float32) == 0).all(), "padding rows must be 0"
+        if lse1 is not None:
+            assert (lse1[pad] == -np.inf).all(), "padding rows' lse must be -inf"
+    return err
+
+
+# ----------------------------------------------------------------------------- the CPU grid
+
+
+def _to_gpu_case(c):
+    q = "bf16" if c.q_dtype == "f32" else c.q_dtype
+    kv = c.kv_dtype
+    if kv == "f32":
+        kv = "f16" if q == "f16" else "bf16"
+    d = c.head_dim if c.head_dim in (64, 128, 256) else 64
+    return dataclasses.replace(c, q_dtype=q, kv_dtype=kv, head_dim=d)
+
+
+def _unique(cs):
+    seen, out = set(), []
+    for c in cs:
+        key = dataclasses.replace(c, seed=0)
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
+
+
+GPU_DECODE_GRID = _unique([_to_gpu_case(c) for c in cases.DECODE_GRID])
+GPU_PREFILL_GRID = _unique([_to_gpu_case(c) for c in cases.PREFILL_GRID])
+
+
+# ----------------------------------------------------------------------------- large inputs
+
+
+def make_big(kind, *, batch, hkv, group, d, ps, q="bf16", kv="bf16", max_kv, min_kv=None,
+             n=1, q_lens=None, layout="NHD", combined=False, seed=0, pad_front=0, pad_back=0,
+             max_q_len_slack=0, extra_cols=1, **opts):
+    """Like cases.make_inputs, at sizes where numpy generation would be slow: pages and q are
+    drawn on the GPU; metadata (block tables with garbage in unneeded entries) as in cases.py.
+    opts: window_left, logits_soft_cap, sinks (bool), scale, k_scale, v_scale, out_dtype,
+    causal, return_lse."""
+    rng = np.random.default_rng(seed)
+    hq = hkv * group
+    if kind == "decode":
+        lo = max(n, min_kv or n)
+        kv_lens = rng.integers(lo, max_kv + 1, size=batch)
+        kv_lens[0] = max_kv
+        ql = np.full(batch, n, np.int64)
+        T, cu, row_owner = batch * n, None, np.repeat(np.arange(batch), n)
+    else:
+        ql = np.asarray(q_lens, np.int64)
+        ctx = rng.integers(0, max(max_kv - int(ql.max()), 0) + 1, size=batch)
+        ctx[0] = max(0, max_kv - int(ql[0]))
+        kv_lens = ql + ctx
+        cu = np.concatenate([[0], np.cumsum(ql)]) + pad_front
+        T = int(cu[-1]) + pad_back
+        row_owner = np.full(T, -1, np.int64)
+        for b in range(batch):
+            row_owner[cu[b]:cu[b + 1]] = b
+    window = opts.get("window_left", -1)
+    bt, num_pages = cases.build_block_tables(rng, kv_lens, ql, ps, window, True, 3,
+                                             extra_cols=extra_cols)
+    key = jax.random.PRNGKey(seed)
+    k1, k2, k3 = jax.random.split(key, 3)
+    std = 1.5 if kv == "fp8" else 1.0
+    shape = (num_pages, ps, hkv, d)
+
+    def pages(k):
+        x = jax.random.normal(k, shape, jnp.float32) * std
+        x = jnp.where(x == 0, 0.125, x).astype(_DT[kv])
+        return jnp.swapaxes(x, 1, 2) if layout == "HND" else x
+
+    with jax.default_device(GPU):
+        kp, vp = pages(k1), pages(k2)
+        if combined:
+            kp, vp = jnp.stack([kp, vp], axis=1), None
+        qa = jax.random.normal(k3, (T, hq, d), jnp.float32).astype(_DT[q])
+    args = [qa, kp, vp, bt, kv_lens.astype(np.int32)]
+    if cu is not None:
+        args.append(cu.astype(np.int32))
+    kw = {"return_lse": opts.get("return_lse", True)}
+    if layout != "NHD":
+        kw["kv_layout"] = layout
+    for name in ("window_left", "logits_soft_cap", "scale", "k_scale", "v_scale"):
+        if opts.get(name) is not None:
+            kw[name] = opts[name]
+    if opts.get("sinks"):
+        kw["sinks"] = (rng.standard_normal(hq).astype(np.float32) + 0.5)
+    if opts.get("out_dtype"):
+        kw["out_dtype"] = _DT[opts["out_dtype"]]
+    if kind == "decode":
+        if n != 1:
+            kw["q_len_per_req"] = n
+    else:
+        kw["max_q_len"] = int(ql.max()) + max_q_len_slack
+        if not opts.get("causal", True):
+            kw["causal"] = False
+    case = cases.AttnCase(kind=kind, batch=batch, num_kv_heads=hkv, group=group, head_dim=d,
+                          page_size=ps, q_dtype=q, kv_dtype=kv, kv_layout=layout,
+                          combined=combined, window_left=window, q_len_per_req=n,
+                          causal=opts.get("causal", True), out_dtype=opts.get("out_dtype"),
+                          seed=seed)
+    return cases.Inputs(case=case, args=tuple(args), kwargs=kw, q_lens=ql, kv_lens=kv_lens,
+                        row_owner=row_owner, num_pages=num_pages, page_size=ps,
+                        k_logical=None, v_logical=None)
+
+
+BIG_DECODE = {
+    # the performance shape (Hq=32 Hkv=8 D=128 page 16), smaller batch
+    "perf_shape_b8_l4k": dict(batch=8, hkv=8, group=4, d=128, ps=16, max_kv=4096),
+    "batch256_l1k": dict(batch=256, hkv=8, group=4, d=128, ps=16, max_kv=1024, min_kv=1),
+    "b1_l32k_f16_page128": dict(batch=1, hkv=8, group=8, d=128, ps=128, max_kv=32768,
+                                q="f16", kv="f16"),
+    "b2_l16k_page1_d64": dict(batch=2, hkv=2, group=4, d=64, ps=1, max_kv=16384, q="f16",
+                              kv="f16"),
+    "d256_group16_page64": dict(batch=4, hkv=2, group=16, d=256, ps=64, max_kv=8192),
+    "d256_group5_page5_hnd": dict(batch=6, hkv=2, group=5, d=256, ps=5, max_kv=3000,
+                                  layout="HND", q="f16", kv="f16"),
+    "d64_group1_combined": dict(batch=16, hkv=4, group=1, d=64, ps=16, max_kv=2048,
+                                combined=True),
+    "fp8_scales_d128": dict(batch=16, hkv=4, group=4, d=128, ps=16, max_kv=4096, kv="fp8",
+                            k_scale=0.6, v_scale=1.7, q="bf16"),
+    "fp8_f16_d256_hnd_combined": dict(batch=3, hkv=2, group=8, d=256, ps=64, max_kv=5000,
+                                      kv="fp8", q="f16", layout="HND", combined=True,
+                                      k_scale=0.9, v_scale=0.4),
+    "spec_n4_group8_rows32": dict(batch=8, hkv=2, group=8, d=128, ps=5, max_kv=3000, n=4,
+                                  window_left=700, sinks=True, logits_soft_cap=20.0),
+    "spec_n3_window_sinks_d64": dict(batch=12, hkv=4, group=4, d=64, ps=16, max_kv=4000, n=3,
+                                     window_left=129, sinks=True),
+    "softcap_outf32_d128": dict(batch=8, hkv=4, group=4, d=128, ps=64, max_kv=6000,
+                                logits_soft_cap=5.0, out_dtype="f32", q="f16", kv="f16"),
+    "window0_page128": dict(batch=4, hkv=4, group=4, d=128, ps=128, max_kv=1000,
+                            window_left=0),
+    "scale_kscale_vscale_bf16": dict(batch=5, hkv=1, group=16, d=64, ps=16, max_kv=2500,
+                                     scale=0.05, k_scale=1.5, v_scale=0.5),
+}
+
+BIG_PREFILL = {
+    "perf_shape_b4_s2048_causal": dict(batch=4, hkv=8, group=4, d=128, ps=16, q="f16",
+                                       kv="f16", q_lens=[2048] * 4, max_kv=2048),
+    "s8192_single_causal": dict(batch=1, hkv=4, group=4, d=128, ps=16, q_lens=[8192],
+                                max_kv=8192),
+    "chunked_ctx_d256_g5_window_softcap_sinks": dict(
+        batch=3, hkv=1, group=5, d=256, ps=5, q_lens=[1500, 700, 333], max_kv=6000,
+        window_left=700, logits_soft_cap=30.0, sinks=True),
+    "noncausal_d64_g16_page128": dict(batch=2, hkv=2, group=16, d=64, ps=128,
+                                      q_lens=[600, 257], max_kv=3000, causal=False),
+    "short_q_long_kv_splits": dict(batch=2, hkv=4, group=4, d=128, ps=16, q_lens=[16, 5],
+                                   max_kv=16384, q="f16", kv="f16"),
+    "fp8_hnd_combined_d128": dict(batch=3, hkv=2, group=4, d=128, ps=64, q_lens=[900, 1, 450],
+                                  max_kv=2000, kv="fp8", k_scale=0.5, v_scale=1.3,
+                                  layout="HND", combined=True),
+    "padding_zero_q_slack_d64_page1": dict(batch=4, hkv=2, group=8, d=64, ps=1,
+                                           q_lens=[300, 0, 129, 64], max_kv=1200,
+                                           pad_front=7, pad_back=33, max_q_len_slack=50,
+                                           q="f16", kv="f16"),
+    "noncausal_window_group1_d256": dict(batch=2, hkv=4, group=1, d=256, ps=16,
+                                         q_lens=[513, 200], max_kv=1500, causal=False,
+                                         window_left=100, out_dtype="f32"),
+}
+
+
+@pytest.mark.parametrize("name", shard(list(BIG_DECODE)))
+def test_decode_large(name):
+    check(make_big("decode", seed=zlib.crc32(name.encode()) % 1000, **BIG_DECODE[name]))
+
+
+@pytest.mark.parametrize("name", shard(list(BIG_PREFILL)))
+def test_prefill_large(name):
+    check(make_big("prefill", seed=zlib.crc32(name.encode()) % 1000, **BIG_PREFILL[name]))
+
+
+# ----------------------------------------------------------------------------- invalid metadata
+
+
+def _corrupt(inputs, mutate):
+    bt = np.array(inputs.block_tables)
+    sl = np.array(inputs.seq_lens)
+    cu = None if inputs.cu_seqlens_q is None else np.array(inputs.cu_seqlens_q)
+    mutate(bt, sl, cu)
+    changes = dict(block_tables=bt, seq_lens=sl)
+    if cu is not None:
+        changes["cu_seqlens_q"] = cu
+    return inputs.with_args(**changes)
+
+
+@on_shard(0)
+def test_decode_invalid_metadata_nan_rows_with_splits():
+    # Long requests (split-KV active); each invalid request poisons only its own rows.
+    base = make_big("decode", batch=6, hkv=4, group=4, d=128, ps=16, max_kv=8192,
+                    min_kv=4000, n=2, seed=11)
+    P = base.num_pages
+
+    def mutate(bt, sl, cu):
+        bt[1, 100] = P           # needed page out of range (deep inside the sequence)
+        sl[2] = bt.shape[1] * 16 + 1  # seq_len past the table's capacity
+        sl[3] = -5               # negative
+        sl[4] = 1                # seq_len < q_len (2)
+        bt[5, (int(sl[5]) - 1) // 16] = -1  # last needed page negative
+
+    check(_corrupt(base, mutate), expect_invalid={1, 2, 3, 4, 5})
+
+
+@on_shard(1)
+def test_decode_invalid_page_only_outside_window_is_fine():
+    base = make_big("decode", batch=3, hkv=2, group=4, d=64, ps=16, max_kv=3000, min_kv=2000,
+                    seed=12, window_left=64)
+
+    def mutate(bt, sl, cu):
+        bt[1, 0] = -3  # before the window: never needed
+    check(_corrupt(base, mutate), expect_invalid=set())
+
+
+@on_shard(2)
+def test_prefill_invalid_metadata_nan_rows():
+    base = make_big("prefill", batch=6, hkv=2, group=4, d=128, ps=16,
+                    q_lens=[300, 200, 100, 50, 400, 64], max_kv=3000, seed=13, pad_back=5)
+    P = base.num_pages
+
+    def mutate(bt, sl, cu):
+        bt[0, 3] = P + 2         # needed page out of range
+        cu[2] = cu[1] - 10       # non-monotonic: request 1 (end < start) and 2 (start < max)
+        sl[4] = 10               # seq_len < q_len
+    check(_corrupt(base, mutate), expect_invalid={0, 1, 2, 4})
+
+
+@on_shard(3)
+def test_prefill_q_len_over_max_is_invalid():
+    base = make_big("prefill", batch=3, hkv=2, group=2, d=64, ps=16, q_lens=[40, 90, 20],
+                    max_kv=500, seed=14)
+    inputs = dataclasses.replace(base, kwargs={**base.kwargs, "max_q_len": 50})
+    check(inputs, expect_invalid={1})
+
+
+# ----------------------------------------------------------------------------- CPU grid on GPU
+
+
+@pytest.mark.parametrize("case", shard(GPU_DECODE_GRID), ids=lambda c: c.id())
+def test_decode_grid(case):
+    check(cases.make_inputs(case))
+
+
+@pytest.mark.parametrize("case", shard(GPU_PREFILL_GRID), ids=lambda c: c.id())
+def test_prefill_grid(case):
+    check(cases.make_inputs(case))
+
+
+# ----------------------------------------------------------------------------- strided q
+
+
+@pytest.mark.parametrize("kind", shard(["decode", "prefill"]))
+def test_split_qkv_view(kind):
+    hq, hkv, d = 16, 4, 128
+    base = make_big(kind, batch=4, hkv=hkv, group=hq // hkv, d=d, ps=16, max_kv=1500,
+                    q_lens=[100, 37, 1, 250], seed=21)
+    T = base.num_tokens
+    qkv = jax.random.normal(jax.random.PRNGKey(5), (T, (hq + 2 * hkv) * d), jnp.float32)
+    qkv = jax.device_put(qkv.astype(jnp.bfloat16), GPU)
+    qv, _, _ = jpa.split_qkv(qkv, hq, hkv)
+    check(base.with_args(q=qv))
+
+
+@on_shard(4)
+def test_unaligned_view_offset():
+    # A view whose offset is not a multiple of 8 elements: the kernels take the scalar path.
+    base = make_big("decode", batch=5, hkv=2, group=4, d=64, ps=16, max_kv=700, seed=22)
+    T, hq, d = base.q.shape
+    flat = jax.random.normal(jax.random.PRNGKey(6), (T * hq * d + 3,), jnp.float32)
+    flat = jax.device_put(flat.astype(jnp.bfloat16), GPU)
+    qv = jpa.StridedView(flat, (T, hq, d), (hq * d, d, 1), offset=3)
+    check(base.with_args(q=qv))
+
+
+# ----------------------------------------------------------------------------- append
+
+
+APPEND_GRID = [
+    cases.AppendCase(new_dtype="bf16", kv_dtype="bf16", head_dim=128),
+    cases.AppendCase(new_dtype="f16", kv_dtype="f16", head_dim=64, kv_layout="HND"),
+    cases.AppendCase(new_dtype="f32", kv_dtype="bf16", head_dim=128, skip_fraction=0.3),
+    cases.AppendCase(new_dtype="f32", kv_dtype="f16", head_dim=256),
+    cases.AppendCase(new_dtype="f16", kv_dtype="bf16", head_dim=64),
+    cases.AppendCase(new_dtype="f32", kv_dtype="fp8", head_dim=128, k_scale=0.37, v_scale=1.9),
+    cases.AppendCase(new_dtype="bf16", kv_dtype="fp8", head_dim=64, kv_layout="HND"),
+    cases.AppendCase(new_dtype="f16", kv_dtype="fp8", head_dim=256, combined=True,
+                     k_scale=2.0, v_scale=0.5, skip_fraction=0.3),
+    cases.AppendCase(new_dtype="bf16", kv_dtype="bf16", head_dim=128, combined=True,
+                     kv_layout="HND"),
+    cases.AppendCase(new_dtype="bf16", kv_dtype="bf16", head_dim=64, page_size=1,
+                     num_pages=12, skip_fraction=0.4),
+    cases.AppendCase(new_dtype="bf16", kv_dtype="f16", head_dim=128, page_size=5,
+                     num_pages=4, skip_fraction=0.3, k_scale=0.5, v_scale=4.0),
+    cases.AppendCase(num_kv_heads=5, head_dim=12, new_dtype="f32", kv_dtype="bf16",
+                     kv_layout="HND", combined=True),  # ragged head_dim: scalar path
+    cases.AppendCase(num_tokens=300, num_kv_heads=8, head_dim=128, page_size=16,
+                     num_pages=40, new_dtype="bf16", kv_dtype="bf16", skip_fraction=0.1),
+]
+APPEND_GRID = [dataclasses.replace(c, seed=700 + i) for i, c in enumerate(APPEND_GRID)]
+
+
+@functools.lru_cache(maxsize=None)
+def _append_fn(static_items):
+    static = dict(static_items)
+    return jax.jit(lambda kp, vp, k, v, s: jpa.append_kv(kp, vp, k, v, s, **static))
+
+
+@pytest.mark.parametrize("case", shard(APPEND_GRID), ids=lambda c: c.id())
+def test_append_bitwise(case):
+    (kp, vp, k, v, slots), kw = cases.make_append_inputs(case)
+    want = cases.expected_append(case, kp, vp, k, v, slots)
+    fn = _append_fn(_freeze(kw))
+    got = fn(*[_on_gpu(x) if x is not None else None for x in (kp, vp, k, v, slots)])
+    assert_bitwise(np.asarray(got[0]), want[0], "k_pages")
+    if case.combined:
+        assert got[1] is None
+    else:
+        assert_bitwise(np.asarray(got[1]), want[1], "v_pages")
+
+
+@on_shard(5)
+def test_append_strided_views_then_decode_round_trip():
+    """Append new tokens from a packed qkv buffer (views, no copies), then decode them."""
+    hq, hkv, d, ps, B = 8, 2, 128, 16, 4
+    rng = np.random.default_rng(31)
+    kv_lens = np.array([17, 40, 1, 64], np.int32)
+    bt, P = cases.build_block_tables(rng, kv_lens, np.ones(B, np.int64), ps, -1, True, 2)
+    k_pages = jax.device_put(jnp.zeros((P, ps, hkv, d), jnp.bfloat16) + jnp.nan, GPU)
+    v_pages = jax.device_put(jnp.zeros((P, ps, hkv, d), jnp.bfloat16) + jnp.nan, GPU)
+    # every token of every request arrives through append (slots from the block table)
+    toks, slots = [], []
+    for b in range(B):
+        for j in range(int(kv_lens[b])):
+            slots.append(int(bt[b, j // ps]) * ps + j % ps)
+            toks.append(b)
+    T = len(slots)
+    qkv = jax.random.normal(jax.random.PRNGKey(9), (T, hq + 2 * hkv, d), jnp.float32)
+    qkv = jax.device_put(qkv.astype(jnp.bfloat16), GPU)
+    _, kview, vview = jpa.split_qkv(qkv, hq, hkv)
+    slot_arr = jax.device_put(np.asarray(slots, np.int32), GPU)
+
+    def append_from_qkv(kp, vp, qkv, slots):
+        _, kv_, vv_ = jpa.split_qkv(qkv, hq, hkv)
+        return jpa.append_kv(kp, vp, kv_, vv_, slots)
+
+    kp2, vp2 = jax.jit(append_from_qkv, donate_argnums=(0, 1))(k_pages, v_pages, qkv, slot_arr)
+    # the reference append on the materialized views must agree bitwise
+    rk, rv = ref.append_kv(jnp.zeros((P, ps, hkv, d), jnp.bfloat16) + jnp.nan,
+                           jnp.zeros((P, ps, hkv, d), jnp.bfloat16) + jnp.nan,
+                           kview.materialize(), vview.materialize(), slot_arr)
+    assert_bitwise(np.asarray(kp2), np.asarray(rk), "k_pages after append")
+    assert_bitwise(np.asarray(vp2), np.asarray(rv), "v_pages after append")
+    q = jax.device_put(jax.random.normal(jax.random.PRNGKey(3), (B, hq, d)).astype(jnp.bfloat16), GPU)
+    out = jpa.paged_decode(q, kp2, vp2, jnp.asarray(bt), jnp.asarray(kv_lens))
+    want = ref.paged_decode(q, rk, rv, jnp.asarray(bt), jnp.asarray(kv_lens),
+                            out_dtype=np.float32)
+    assert_close(np.asarray(out), np.asarray(want), 1e-2)
+
+
+# ----------------------------------------------------------------------------- static misuse
+
+
+@on_shard(6)
+def test_unsupported_head_dim_raises_on_gpu():
+    q = jax.device_put(jnp.ones((2, 4, 96), jnp.bfloat16), GPU)
+    kp = jax.device_put(jnp.ones((3, 16, 2, 96), jnp.bfloat16), GPU)
+    bt = jax.device_put(jnp.zeros((2, 2), jnp.int32), GPU)
+    sl = jax.device_put(jnp.ones((2,), jnp.int32), GPU)
+    with pytest.raises(ValueError, match="head_dim"):
+        jax.jit(jpa.paged_decode)(q, kp, kp, bt, sl)
+
+
+# ----------------------------------------------------------------------------- command buffers
+
+
+_CMD_BUFFER_SCRIPT = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import jax, jax.numpy as jnp
+    sys.path.insert(0, sys.argv[1])
+    import test_gpu as t
+    res = t.command_buffer_payload()
+    np.savez(sys.argv[2], **res)
+""")
+
+
+def command_buffer_payload():
+    """A jitted step with several ops around the custom calls (decode, prefill, append)."""
+    dec = make_big("decode", batch=4, hkv=2, group=4, d=128, ps=16, max_kv=3000, seed=41,
+                   window_left=500, sinks=True)
+    pre = make_big("prefill", batch=2, hkv=2, group=4, d=64, ps=16, q_lens=[300, 17],
+                   max_kv=900, seed=42, pad_back=3)
+    dargs = [_on_gpu(a) for a in dec.args]
+    pargs = [_on_gpu(a) for a in pre.args]
+    dkw_a, dkw_s = _split_kwargs(dec.kwargs)
+    pkw_a, pkw_s = _split_kwargs(pre.kwargs)
+
+    @jax.jit
+    def step(dargs, pargs, dkw_a, pkw_a):
+        q = dargs[0] * 1.5
+        o1, l1 = jpa.paged_decode(q, *dargs[1:], **dkw_a, **dkw_s)
+        o2, l2 = jpa.paged_prefill(*pargs, **pkw_a, **pkw_s)
+        kp, vp = jpa.append_kv(dargs[1], dargs[2], o1[:, :2].astype(jnp.bfloat16),
+                               o1[:, 2:4].astype(jnp.bfloat16),
+                               jnp.arange(o1.shape[0], dtype=jnp.int32) * 3)
+        return dict(o1=o1 + 1, l1=l1, o2=o2 * 2, l2=l2, kp=kp[:4], vp=vp[:4])
+
+    out = step(dargs, pargs, dkw_a, pkw_a)
+    return {k: np.asarray(v).view(np.uint8) for k, v in out.items()}
+
+
+@on_shard(7)
+def test_command_buffers_bitwise_equal(tmp_path):
+    here = command_buffer_payload()
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                        " --xla_gpu_graph_min_graph_size=1"
+                        " --xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL").strip()
+    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    dst = tmp_path / "cmdbuf.npz"
+    proc = subprocess.run([sys.executable, "-c", _CMD_BUFFER_SCRIPT,
+                           os.path.dirname(os.path.abspath(__file__)), str(dst)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    there = dict(np.load(dst))
+    assert set(there) == set(here)
+    for k in here:
+        assert np.array_equal(here[k], there[k]), f"{k} differs with command buffers on"
