@@ -17,7 +17,7 @@ $(VENV)/.setup-done: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "jax>=0.10" numpy ml_dtypes pytest "scikit-build-core>=0.10" \
-		"nanobind>=2.0" cmake ninja
+		"nanobind>=2.0" cmake ninja flatbuffers
 	touch $@
 
 build: setup

@@ -48,7 +48,8 @@ def _rule_values(block_tables, seq_lens, num_pages, page_size, cu_seqlens_q, q_l
         "capacity": (sl > cap, sl, jnp.full((b,), cap, jnp.int32)),
         "cu_order": (cu_bad, cu_x, cu_y),
         "q_len": (base_ok & (sl < q_len), sl, q_len),
-        "page": (base_ok & jnp.any(bad_page, axis=1), bad_val,
+        # Pages matter only for requests that own query rows (semantics rule 3).
+        "page": (base_ok & (q_len > 0) & jnp.any(bad_page, axis=1), bad_val,
                  jnp.full((b,), num_pages, jnp.int32)),
     }
 
@@ -85,8 +86,13 @@ def check_metadata(block_tables, seq_lens, *, num_pages, page_size, cu_seqlens_q
                     x, y = (int(np.asarray(a)[b]) for a in rules[name][1:])
                     raise ValueError("check_metadata: " + template.format(b=b, x=x, y=y))
         return
-    for name, template in _RULES:
-        mask, x, y = rules[name]
-        first = jnp.argmax(mask)
-        checkify.check(~jnp.any(mask), "check_metadata: " + template,
-                       b=first, x=x[first], y=y[first])
+    # Name the first bad request (as the eager path does) with its first failing rule: only
+    # one of the checks below can fire.
+    masks = jnp.stack([rules[name][0] for name, _ in _RULES])  # [rules, B]
+    first_rule = jnp.argmax(masks, axis=0)                       # per request
+    any_bad = jnp.any(masks, axis=0)
+    first = jnp.argmax(any_bad)
+    for r, (name, template) in enumerate(_RULES):
+        _, x, y = rules[name]
+        fires = any_bad[first] & (first_rule[first] == r)
+        checkify.check(~fires, "check_metadata: " + template, b=first, x=x[first], y=y[first])

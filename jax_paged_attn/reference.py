@@ -111,7 +111,7 @@ def _prefill_rows(cu_seqlens_q, num_tokens, max_q_len):
     e = jnp.clip(run_max, 0, num_tokens)
     row_begin, q_len = e[:-1], e[1:] - e[:-1]
     start, end = cu[:-1], cu[1:]
-    meta_ok = ((start >= 0) & (end >= start) & (start >= run_max[:-1])
+    meta_ok = ((start >= 0) & (end >= start) 
                & (end <= num_tokens) & (end - start <= max_q_len))
     return row_begin, q_len, meta_ok
 
@@ -246,7 +246,7 @@ def _attention(q, k_pages, v_pages, block_tables, seq_lens, cu_seqlens_q, scale,
                                 jnp.dtype(k_pages.dtype).itemsize, budget)
     key_idx = jnp.arange(num_keys, dtype=jnp.int32)
 
-    def one_request(table, seq_len, begin, n, ok):
+    def one_request(k_pages, v_pages, table, seq_len, begin, n, ok):
         # Invalid page indices are clipped so that nothing is ever read out of bounds; such
         # a request is either invalid (its rows become NaN below) or the page is not needed.
         if num_pages > 0:
@@ -254,9 +254,6 @@ def _attention(q, k_pages, v_pages, block_tables, seq_lens, cu_seqlens_q, scale,
                                  kv_layout)
         else:
             k = v = jnp.zeros((num_keys, hkv, d), k_pages.dtype)
-        # Without the barrier XLA moves the float32 convert in front of the gather and then
-        # hoists it out of the loop: a float32 copy of the whole cache.
-        k, v = jax.lax.optimization_barrier((k, v))
         # Zero keys no row may see, so garbage there (even NaN bit patterns) cannot leak
         # through 0 * NaN in the p @ v product.
         needed = ((key_idx >= _first_needed_key(seq_len, n, window_left))
@@ -293,7 +290,11 @@ def _attention(q, k_pages, v_pages, block_tables, seq_lens, cu_seqlens_q, scale,
 
     def step(carry, x):
         out, lse = carry
-        o, l, dest = jax.vmap(one_request)(*x)
+        # Tie the cache to this step so XLA cannot hoist work on the whole cache out of the
+        # loop (XLA:CPU upcasts a bf16/fp8 gather to float32; hoisted, that convert would be
+        # a float32 copy of the entire cache).
+        kp, vp, _ = jax.lax.optimization_barrier((k_pages, v_pages, x[0]))
+        o, l, dest = jax.vmap(one_request, in_axes=(None, None, 0, 0, 0, 0, 0))(kp, vp, *x)
         dest = dest.reshape(-1)
         out = out.at[dest].set(o.reshape(-1, hq, d), mode="drop")
         lse = lse.at[dest].set(l.reshape(-1, hq), mode="drop")

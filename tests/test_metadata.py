@@ -358,10 +358,6 @@ def test_check_metadata_eager_names_the_first_bad_request():
     assert "request 3" not in str(ei.value)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "jax_paged_attn/metadata.py: the traced path checks rule by rule, so under checkify the "
-    "first request failing the first failing *rule* is named (request 3 here), not the first "
-    "bad request as the eager path and the contract do"))
 @pytest.mark.parametrize("jit", [False, True])
 def test_check_metadata_checkify_names_the_first_bad_request(jit):
     bt, sl, kw = _two_bad()
@@ -387,3 +383,14 @@ def test_checkify_with_attention_in_the_same_function():
     assert "request 2" in err.get()
     out = np.asarray(out)
     assert np.isnan(out[2]).all() and not np.isnan(np.delete(out, 2, axis=0)).any()
+
+
+def test_check_metadata_ignores_pages_of_zero_length_prefill_requests():
+    # Semantics rule 3: pages are only needed by requests that own query rows.
+    bt = jnp.asarray([[0, 1], [-1, -1]], jnp.int32)
+    sl = jnp.asarray([5, 3], jnp.int32)
+    cu = jnp.asarray([0, 5, 5], jnp.int32)
+    jpa.check_metadata(bt, sl, num_pages=4, page_size=4, cu_seqlens_q=cu)
+    with pytest.raises(ValueError, match=r"request 1\b"):
+        jpa.check_metadata(bt, sl, num_pages=4, page_size=4,
+                           cu_seqlens_q=jnp.asarray([0, 2, 3], jnp.int32))

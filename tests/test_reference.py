@@ -612,3 +612,23 @@ def test_append_then_attend():
     p = np.exp(s - s.max(-1, keepdims=True))
     want = np.einsum("hj,jhd->hd", p / p.sum(-1, keepdims=True), np.repeat(v, 2, axis=1))
     assert rel_l2(out[0], want) <= RTOL
+
+
+# --------------------------------------------------------------------------------------------
+# Memory: the reference is also the oracle at serving sizes
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("page_dtype", [jnp.bfloat16, jnp.float8_e4m3fn])
+def test_memory_bounded(page_dtype):
+    """Compile only: decode B=256 x L=1024, Hq=32, Hkv=8, D=128 must not materialize a float32
+    copy of the cache (a 1 GiB bf16 pool here) or a [T, Hq, B, L] tensor."""
+    B, L, Hq, Hkv, D, ps = 256, 1024, 32, 8, 128, 16
+    P = B * L // ps
+    S = jax.ShapeDtypeStruct
+    args = (S((B, Hq, D), jnp.bfloat16), S((P, ps, Hkv, D), page_dtype),
+            S((P, ps, Hkv, D), page_dtype), S((B, L // ps), jnp.int32), S((B,), jnp.int32))
+    f = jax.jit(lambda *a: ref.paged_decode(*a, k_scale=0.5, return_lse=True))
+    mem = f.lower(*args).compile().memory_analysis()
+    if mem is None:
+        pytest.skip("no memory analysis on this backend")
+    assert mem.temp_size_in_bytes < (512 << 20), mem.temp_size_in_bytes
