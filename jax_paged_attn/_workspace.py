@@ -20,8 +20,9 @@ _META_BYTES_PER_REQ = 16
 _MAX_SPLITS = 64
 _MIN_KEYS_PER_SPLIT = 256
 _MAX_TARGET_CTAS = 2048
-_DECODE_BLOCK_ROWS = 16    # packed (token, group head) rows per CTA, small-row tile shape
-_PREFILL_BLOCK_ROWS = 64   # the other tile shape
+# Packed (token, group head) rows per CTA of the tile shapes: <= 16 rows, <= 64 rows, more.
+# (head_dim 256 uses 64 rows where the others use 128: fewer rows only mean fewer splits.)
+_BLOCK_ROWS = (16, 64, 128)
 _MAX_SPLIT_BYTES = 512 << 20  # never reserve more than this for split partials
 
 
@@ -44,11 +45,11 @@ def cuda_splits_upper_bound(*, num_q_heads: int, batch: int, max_pages_per_req: 
     if num_kv_heads:
         group = num_q_heads // num_kv_heads
         rows = max_q_len * group
-        bm = _DECODE_BLOCK_ROWS if rows <= _DECODE_BLOCK_ROWS else _PREFILL_BLOCK_ROWS
+        bm = next((r for r in _BLOCK_ROWS if rows <= r), _BLOCK_ROWS[-1])
         base = batch * num_kv_heads * (-(-rows // bm))
     else:
         # Without the KV head count: the fewest CTAs any group size could give.
-        base = batch * max(1, (max_q_len * num_q_heads) // _PREFILL_BLOCK_ROWS)
+        base = batch * max(1, (max_q_len * num_q_heads) // _BLOCK_ROWS[-1])
     if base >= _MAX_TARGET_CTAS:
         return 1
     splits = -(-_MAX_TARGET_CTAS // base)

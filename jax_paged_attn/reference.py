@@ -18,7 +18,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from . import views
 
@@ -111,7 +110,7 @@ def _prefill_rows(cu_seqlens_q, num_tokens, max_q_len):
     e = jnp.clip(run_max, 0, num_tokens)
     row_begin, q_len = e[:-1], e[1:] - e[:-1]
     start, end = cu[:-1], cu[1:]
-    meta_ok = ((start >= 0) & (end >= start) 
+    meta_ok = ((start >= 0) & (end >= start) & (start >= run_max[:-1])
                & (end <= num_tokens) & (end - start <= max_q_len))
     return row_begin, q_len, meta_ok
 
@@ -254,11 +253,12 @@ def _attention(q, k_pages, v_pages, block_tables, seq_lens, cu_seqlens_q, scale,
                                  kv_layout)
         else:
             k = v = jnp.zeros((num_keys, hkv, d), k_pages.dtype)
-        # Zero keys no row may see, so garbage there (even NaN bit patterns) cannot leak
-        # through 0 * NaN in the p @ v product.
+        # Zero the values no row may see, so garbage there (even NaN bit patterns) cannot
+        # leak through 0 * NaN in the p @ v product. Garbage keys only reach logits that the
+        # mask replaces with -inf.
         needed = ((key_idx >= _first_needed_key(seq_len, n, window_left))
                   & (key_idx < seq_len))[:, None, None]
-        k = jnp.where(needed, k.astype(jnp.float32) * k_scale, 0.0)
+        k = k.astype(jnp.float32) * k_scale
         v = jnp.where(needed, v.astype(jnp.float32) * v_scale, 0.0)
 
         def chunk(c):

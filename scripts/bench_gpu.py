@@ -107,11 +107,17 @@ def bench_prefill(rows, with_ref):
         sl = jnp.full((B,), S, jnp.int32)
         cu = jnp.asarray(np.arange(B + 1, dtype=np.int32) * S)
         flops = 4 * B * (S * (S + 1) / 2) * hq * d
-        f = jax.jit(lambda *a: jpa.paged_prefill(*a, max_q_len=S))
-        ms, how = _measure(f, q, kp, vp, bt, sl, cu)
-        row = dict(op="prefill", shape=f"B={B} S={S} causal", impl="jpa", ms=ms,
-                   tflops=flops / (ms * 1e-3) / 1e12, timer=how)
-        rows.append(row)
+        for tile_rows in ("", "64"):  # default shape (128 rows), then the 64-row shape
+            os.environ["JPA_CUDA_TILE_ROWS"] = tile_rows
+            f = jax.jit(lambda *a: jpa.paged_prefill(*a, max_q_len=S))
+            ms, how = _measure(f, q, kp, vp, bt, sl, cu)
+            r = dict(op="prefill", shape=f"B={B} S={S} causal", impl="jpa" + (
+                f"/rows{tile_rows}" if tile_rows else ""), ms=ms,
+                tflops=flops / (ms * 1e-3) / 1e12, timer=how)
+            rows.append(r)
+            if not tile_rows:
+                row = r
+        os.environ.pop("JPA_CUDA_TILE_ROWS", None)
         if with_ref and (B, S) == (4, 2048):
             fr = jax.jit(lambda *a: ref.paged_prefill(*a, max_q_len=S))
             rms, rhow = _measure(fr, q, kp, vp, bt, sl, cu)
@@ -120,12 +126,12 @@ def bench_prefill(rows, with_ref):
             row["vs_ref"] = rms / ms
 
 
-def kernel_breakdown():
-    """Per-kernel CUPTI times of the decode perf shape (prepare / tiles / merge)."""
+def kernel_breakdown(B, L):
+    """Per-kernel CUPTI times of a decode shape (prepare / tiles / merge)."""
     try:
         from jax.experimental.mosaic.gpu import profiler
 
-        q, kp, vp, bt, sl = decode_inputs(32, 4096)
+        q, kp, vp, bt, sl = decode_inputs(B, L)
         f = jax.jit(lambda q, kp, vp, bt, sl: jpa.paged_decode(q, kp, vp, bt, sl))
         jax.block_until_ready(f(q, kp, vp, bt, sl))
         _, per = profiler.measure(f, aggregate=False)(q, kp, vp, bt, sl)
@@ -145,13 +151,14 @@ def main():
     rows = []
     bench_decode(ceiling, rows, not a.no_ref)
     bench_prefill(rows, not a.no_ref)
-    print("kernel breakdown, decode B=32 L=4096 (us):")
-    for name, us in kernel_breakdown():
-        print(f"  {us:9.1f}  {name}")
-    print(f"{'op':8s} {'shape':22s} {'impl':8s} {'ms':>9s} {'GB/s':>8s} {'ceil%':>6s} "
+    for B, L in ((32, 4096), (1, 32768)):
+        print(f"kernel breakdown, decode B={B} L={L} (us):")
+        for name, us in kernel_breakdown(B, L):
+            print(f"  {us:9.1f}  {name}")
+    print(f"{'op':8s} {'shape':22s} {'impl':11s} {'ms':>9s} {'GB/s':>8s} {'ceil%':>6s} "
           f"{'TFLOP/s':>8s} {'x ref':>6s}")
     for r in rows:
-        print(f"{r['op']:8s} {r['shape']:22s} {r['impl']:8s} {r['ms']:9.4f} "
+        print(f"{r['op']:8s} {r['shape']:22s} {r['impl']:11s} {r['ms']:9.4f} "
               f"{r.get('gbs', float('nan')):8.0f} {100 * r.get('frac', float('nan')):6.1f} "
               f"{r.get('tflops', float('nan')):8.1f} {r.get('vs_ref', float('nan')):6.2f}")
     if a.json:

@@ -1,14 +1,14 @@
-// Tile-kernel instantiations for head_dim 64 (decode shape and prefill shape; bf16, f16 and
+// Tile-kernel instantiations for head_dim 64 (decode and prefill tile shapes; bf16, f16 and
 // fp8 pages). Kept in its own file so the head_dims compile in parallel.
 #include "attn_tile.cuh"
 
 namespace jpa {
 namespace cuda {
 
-cudaError_t attn_tiles_d64(const AttnLaunch* L, bool decode_shape, DType page_dtype,
+cudaError_t attn_tiles_d64(const AttnLaunch* L, int shape, DType page_dtype,
                            TileInfo* info, dim3 grid, cudaStream_t stream) {
-  // <D, decode WN, decode BN, prefill BN>
-  return attn_tiles_dispatch<64, 4, 64, 64>(L, decode_shape, page_dtype, info, grid, stream);
+  // <D, decode WN, decode BN, prefill BN, 128-row shape BN (0: none)>
+  return attn_tiles_dispatch<64, 4, 64, 64, 64>(L, shape, page_dtype, info, grid, stream);
 }
 
 }  // namespace cuda

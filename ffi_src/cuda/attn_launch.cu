@@ -5,6 +5,8 @@
 // cached host-side queries of device attributes.
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -21,28 +23,27 @@ using cuda::AttnLaunch;
 using cuda::DeviceInfo;
 using cuda::TileInfo;
 
-cudaError_t tiles_for_dim(int64_t d, const AttnLaunch* L, bool decode_shape, DType page_dtype,
+cudaError_t tiles_for_dim(int64_t d, const AttnLaunch* L, int shape, DType page_dtype,
                           TileInfo* info, dim3 grid, cudaStream_t stream) {
   switch (d) {
-    case 64: return cuda::attn_tiles_d64(L, decode_shape, page_dtype, info, grid, stream);
-    case 128: return cuda::attn_tiles_d128(L, decode_shape, page_dtype, info, grid, stream);
-    case 256: return cuda::attn_tiles_d256(L, decode_shape, page_dtype, info, grid, stream);
+    case 64: return cuda::attn_tiles_d64(L, shape, page_dtype, info, grid, stream);
+    case 128: return cuda::attn_tiles_d128(L, shape, page_dtype, info, grid, stream);
+    case 256: return cuda::attn_tiles_d256(L, shape, page_dtype, info, grid, stream);
     default: return cudaErrorInvalidValue;
   }
 }
 
 // Occupancy facts per (device, head_dim, shape, page dtype), queried once.
-cudaError_t cached_tile_info(int dev, int64_t d, bool decode_shape, DType page_dtype,
-                             TileInfo* out) {
-  using Key = std::tuple<int, int64_t, bool, int>;
+cudaError_t cached_tile_info(int dev, int64_t d, int shape, DType page_dtype, TileInfo* out) {
+  using Key = std::tuple<int, int64_t, int, int>;
   static std::mutex mu;
   static std::map<Key, TileInfo> cache;
-  const Key key{dev, d, decode_shape, int(page_dtype)};
+  const Key key{dev, d, shape, int(page_dtype)};
   std::lock_guard<std::mutex> lock(mu);
   auto it = cache.find(key);
   if (it == cache.end()) {
     TileInfo ti;
-    JPA_CUDA_TRY(tiles_for_dim(d, nullptr, decode_shape, page_dtype, &ti, dim3(), nullptr));
+    JPA_CUDA_TRY(tiles_for_dim(d, nullptr, shape, page_dtype, &ti, dim3(), nullptr));
     it = cache.emplace(key, ti).first;
   }
   *out = it->second;
@@ -97,9 +98,20 @@ cudaError_t LaunchAttention(const AttnParams& p, cudaStream_t stream) {
   DeviceInfo di;
   int dev = 0;
   JPA_CUDA_TRY(cuda::current_device_info(&di, &dev));
-  const bool decode_shape = p.max_q_len * G <= 16;
+  // Tile shape from the rows (token, group head) a request can have per KV head.
+  const int64_t max_rows = p.max_q_len * G;
+  int shape = max_rows <= 16   ? cuda::kShapeDecode
+              : max_rows <= 64 ? cuda::kShapePrefill64
+                               : cuda::kShapePrefill128;
+  // Benchmarking knob: JPA_CUDA_TILE_ROWS=64 or 128 forces a prefill tile shape.
+  if (shape != cuda::kShapeDecode) {
+    if (const char* e = std::getenv("JPA_CUDA_TILE_ROWS")) {
+      if (std::strcmp(e, "64") == 0) shape = cuda::kShapePrefill64;
+      if (std::strcmp(e, "128") == 0) shape = cuda::kShapePrefill128;
+    }
+  }
   TileInfo ti;
-  JPA_CUDA_TRY(cached_tile_info(dev, D, decode_shape, pd, &ti));
+  JPA_CUDA_TRY(cached_tile_info(dev, D, shape, pd, &ti));
   if (ti.smem_bytes > di.max_smem_optin || ti.ctas_per_sm < 1) return cudaErrorInvalidConfiguration;
 
   const int64_t row_blocks = (p.max_q_len * G + ti.block_rows - 1) / ti.block_rows;
@@ -149,7 +161,7 @@ cudaError_t LaunchAttention(const AttnParams& p, cudaStream_t stream) {
 
   JPA_CUDA_TRY(cuda::launch_attn_prepare(L, stream));
   const dim3 grid(unsigned(splits * Hkv), unsigned(B), unsigned(row_blocks));
-  JPA_CUDA_TRY(tiles_for_dim(D, &L, decode_shape, pd, nullptr, grid, stream));
+  JPA_CUDA_TRY(tiles_for_dim(D, &L, shape, pd, nullptr, grid, stream));
   if (splits > 1) JPA_CUDA_TRY(cuda::launch_attn_merge(L, stream));
   return cudaSuccess;
 }

@@ -34,7 +34,7 @@ struct TileInfo {
   int ctas_per_sm = 0;  // from the occupancy calculator
 };
 
-template <int D_, int WM_, int WN_, int BN_, typename CT_, bool kFp8_>
+template <int D_, int WM_, int WN_, int BN_, typename CT_, bool kFp8_, int MT_ = 1>
 struct TileCfg {
   static constexpr int D = D_;
   static constexpr int WM = WM_;
@@ -42,9 +42,10 @@ struct TileCfg {
   static constexpr int BN = BN_;
   using CT = CT_;
   static constexpr bool kFp8 = kFp8_;
+  static constexpr int MT = MT_;  // 16-row MMA tiles per warp (K/V fragments reused MT times)
 
   static constexpr int kThreads = 32 * WM * WN;
-  static constexpr int BM = 16 * WM;
+  static constexpr int BM = 16 * WM * MT;
   static constexpr int KW = BN / WN;  // keys per warp per tile
   static_assert(KW % 16 == 0, "each warp needs whole k16 steps of keys");
   static_assert(D % 64 == 0, "head_dim must be a multiple of 64 (8 swizzled 16-byte chunks)");
@@ -89,10 +90,18 @@ __device__ __forceinline__ uint32_t fp8x2_to_f16x2(uint32_t two) {
 #endif
 }
 
+// 2^x with flush-to-zero (one MUFU op); arguments are <= 0 here, -inf gives +0.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 template <class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads) attn_tile_kernel(const __grid_constant__ AttnLaunch L) {
   using CT = typename Cfg::CT;
   constexpr int D = Cfg::D, BM = Cfg::BM, BN = Cfg::BN, KW = Cfg::KW, WM = Cfg::WM;
+  constexpr int MT = Cfg::MT;
   constexpr int NT = Cfg::kThreads;
   extern __shared__ __align__(128) unsigned char smem[];
 
@@ -132,7 +141,103 @@ __global__ void __launch_bounds__(Cfg::kThreads) attn_tile_kernel(const __grid_c
   const int ke = int(min(int64_t(khi), int64_t(kb) + per));
   const int ntiles = (ke - kb + BN - 1) / BN;
 
-  // ---- stage Q: BM packed rows x D, compute dtype, swizzled ----
+  // ---- K/V tile loader ----
+  const int32_t* bt_row = p.block_tables + int64_t(b) * p.max_pages_per_req;
+  const int page_size = int(p.kv.page_size);
+  const int page_shift = L.page_shift;
+  const int64_t head_off = int64_t(kvh) * p.kv.head_stride;
+  const char* k_src = static_cast<const char*>(p.kv.k);
+  const char* v_src = static_cast<const char*>(p.kv.v);
+  const uint32_t smem_base = smem_addr(smem);
+  const uint32_t stage_base = smem_base + Cfg::kQBytes;
+
+  // Thread tid copies 16-byte chunk (tid % C) of keys tid / C + it * KP, it < IT. The page
+  // lookup of each key is done once per warp, by one lane, and handed out by shuffles.
+  constexpr int C = Cfg::kRawChunks;
+  constexpr int KP = NT / C;                // keys per pass of the CTA
+  constexpr int IT = BN / KP;               // passes per tile
+  constexpr int KPW = C >= 32 ? 1 : 32 / C;  // keys per pass of a warp
+  static_assert(BN % KP == 0 && IT * KPW <= 32 && (C <= 32), "loader shape");
+  const int lane_ = tid & 31, warp_ = tid >> 5;
+  const int ch = tid % C;
+  const int own_key = warp_ * KPW + (lane_ % KPW) + (lane_ / KPW) * KP;  // lanes < IT * KPW
+
+  auto issue_tile = [&](int stage, int j0) {
+    const uint32_t dst0 = stage_base + stage * Cfg::kStageBytes;
+    long long own_off = -1;  // byte offset of the owned key's row, -1 outside [kb, ke)
+    if (lane_ < IT * KPW) {
+      const int j = j0 + own_key;
+      if (j < ke) {
+        int pi, slot;
+        if (page_shift >= 0) {
+          pi = j >> page_shift;
+          slot = j & (page_size - 1);
+        } else {
+          pi = j / page_size;
+          slot = j - pi * page_size;
+        }
+        own_off = (int64_t(bt_row[pi]) * p.kv.page_stride + int64_t(slot) * p.kv.slot_stride +
+                   head_off) *
+                  Cfg::kPageBytes;
+      }
+    }
+#pragma unroll
+    for (int it = 0; it < IT; ++it) {
+      const int key = tid / C + it * KP;
+      const long long off = __shfl_sync(0xffffffffu, own_off, it * KPW + (C >= 32 ? 0 : lane_ / C));
+      const char* ks = k_src;
+      const char* vs = v_src;
+      int bytes = 0;
+      if (off >= 0) {
+        ks += off + ch * 16;
+        vs += off + ch * 16;
+        bytes = 16;
+      }
+      const uint32_t d = Cfg::kFp8 ? dst0 + key * Cfg::kRawRow + ch * 16 : dst0 + swz<D>(key, ch);
+      cp_async_16(d, ks, bytes);
+      cp_async_16(d + Cfg::kRawTile, vs, bytes);
+    }
+  };
+
+  // ---- per-thread state ----
+  const int warp = tid >> 5, lane = tid & 31;
+  const int wm = warp % WM, wn = warp / WM;
+  const int g = lane >> 2, tig = lane & 3;
+  const int wrow0 = wm * 16 * MT;  // first block row of this warp
+  int pos_r[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int R = min(r0 + wrow0 + mt * 16 + g + 8 * h, rows_total - 1);
+      pos_r[mt][h] = kv_len - q_len + R / G;
+    }
+  const float qk_scale = p.sm_scale * p.scales[0];
+  const float v_scale = p.scales[1];
+  const bool use_cap = p.softcap > 0.0f;
+  const float scale_log2 = qk_scale * kLog2e;
+  const float cap_in = use_cap ? qk_scale / p.softcap : 0.0f;
+  const float cap_out = p.softcap * kLog2e;
+
+  float o_acc[MT][D / 8][4];
+  float m_run[MT][2], l_run[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i)
+      o_acc[mt][i][0] = o_acc[mt][i][1] = o_acc[mt][i][2] = o_acc[mt][i][3] = 0.0f;
+    m_run[mt][0] = m_run[mt][1] = -INFINITY;
+    l_run[mt][0] = l_run[mt][1] = 0.0f;
+  }
+
+  const uint32_t conv_base = stage_base + Cfg::kStages * Cfg::kStageBytes;
+
+  // First K/V tile in flight before Q is staged (Q's loads overlap it).
+  if (ntiles > 0) issue_tile(0, kb);
+  cp_async_commit();
+
+  // ---- stage Q: BM packed rows x D, compute dtype, swizzled (visible to every warp after
+  // the first __syncthreads of the loop) ----
   {
     const int qbytes = dtype_bytes(p.q.dtype);
     static_assert((BM * (D / 8)) % NT == 0, "Q staging loop");
@@ -161,78 +266,6 @@ __global__ void __launch_bounds__(Cfg::kThreads) attn_tile_kernel(const __grid_c
     }
   }
 
-  // ---- K/V tile loader ----
-  const int32_t* bt_row = p.block_tables + int64_t(b) * p.max_pages_per_req;
-  const int page_size = int(p.kv.page_size);
-  const int page_shift = L.page_shift;
-  const int64_t head_off = int64_t(kvh) * p.kv.head_stride;
-  const char* k_src = static_cast<const char*>(p.kv.k);
-  const char* v_src = static_cast<const char*>(p.kv.v);
-  const uint32_t smem_base = smem_addr(smem);
-  const uint32_t stage_base = smem_base + Cfg::kQBytes;
-
-  auto issue_tile = [&](int stage, int j0) {
-    const uint32_t dst0 = stage_base + stage * Cfg::kStageBytes;
-    constexpr int kKeysPerPass = NT / Cfg::kRawChunks;
-    static_assert(BN % kKeysPerPass == 0, "loader loop");
-    const int ch = tid % Cfg::kRawChunks;
-#pragma unroll 4
-    for (int it = 0; it < BN / kKeysPerPass; ++it) {
-      const int key = tid / Cfg::kRawChunks + it * kKeysPerPass;
-      const int j = j0 + key;
-      const char* ks = k_src;
-      const char* vs = v_src;
-      int bytes = 0;
-      if (j < ke) {
-        int pi, slot;
-        if (page_shift >= 0) {
-          pi = j >> page_shift;
-          slot = j & (page_size - 1);
-        } else {
-          pi = j / page_size;
-          slot = j - pi * page_size;
-        }
-        const int64_t off = (int64_t(bt_row[pi]) * p.kv.page_stride +
-                             int64_t(slot) * p.kv.slot_stride + head_off) *
-                                Cfg::kPageBytes +
-                            ch * 16;
-        ks += off;
-        vs += off;
-        bytes = 16;
-      }
-      const uint32_t d = Cfg::kFp8 ? dst0 + key * Cfg::kRawRow + ch * 16 : dst0 + swz<D>(key, ch);
-      cp_async_16(d, ks, bytes);
-      cp_async_16(d + Cfg::kRawTile, vs, bytes);
-    }
-  };
-
-  // ---- per-thread state ----
-  const int warp = tid >> 5, lane = tid & 31;
-  const int wm = warp % WM, wn = warp / WM;
-  const int g = lane >> 2, tig = lane & 3;
-  int pos_r[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int R = min(r0 + wm * 16 + g + 8 * h, rows_total - 1);
-    pos_r[h] = kv_len - q_len + R / G;
-  }
-  const float qk_scale = p.sm_scale * p.scales[0];
-  const float v_scale = p.scales[1];
-  const bool use_cap = p.softcap > 0.0f;
-  const float scale_log2 = qk_scale * kLog2e;
-  const float cap_in = use_cap ? qk_scale / p.softcap : 0.0f;
-  const float cap_out = p.softcap * kLog2e;
-
-  float o_acc[D / 8][4];
-#pragma unroll
-  for (int i = 0; i < D / 8; ++i) o_acc[i][0] = o_acc[i][1] = o_acc[i][2] = o_acc[i][3] = 0.0f;
-  float m_run[2] = {-INFINITY, -INFINITY};
-  float l_run[2] = {0.0f, 0.0f};
-
-  const uint32_t conv_base = stage_base + Cfg::kStages * Cfg::kStageBytes;
-
-  if (ntiles > 0) issue_tile(0, kb);
-  cp_async_commit();
 
   for (int t = 0; t < ntiles; ++t) {
     const int j0 = kb + t * BN;
@@ -276,22 +309,30 @@ __global__ void __launch_bounds__(Cfg::kThreads) attn_tile_kernel(const __grid_c
       v_base = k_base + Cfg::kRawTile;
     }
 
-    // ---- S = Q K^T for this warp's 16 rows x KW keys ----
-    float s_acc[KW / 8][4];
+    // ---- S = Q K^T for this warp's 16*MT rows x KW keys ----
+    float s_acc[MT][KW / 8][4];
 #pragma unroll
-    for (int i = 0; i < KW / 8; ++i) s_acc[i][0] = s_acc[i][1] = s_acc[i][2] = s_acc[i][3] = 0.0f;
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int i = 0; i < KW / 8; ++i)
+        s_acc[mt][i][0] = s_acc[mt][i][1] = s_acc[mt][i][2] = s_acc[mt][i][3] = 0.0f;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t a[4];
-      ldmatrix_x4(a, smem_base + swz<D>(wm * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
-                                        2 * kk + (lane >> 4)));
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+        ldmatrix_x4(a[mt], smem_base + swz<D>(wrow0 + mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
+                                              2 * kk + (lane >> 4)));
 #pragma unroll
       for (int nt2 = 0; nt2 < KW / 16; ++nt2) {
         uint32_t bfr[4];
         ldmatrix_x4(bfr, k_base + swz<D>(wn * KW + nt2 * 16 + (lane & 7) + ((lane >> 4) & 1) * 8,
                                          2 * kk + ((lane >> 3) & 1)));
-        mma_16816<CT>(s_acc[2 * nt2], a, bfr[0], bfr[1]);
-        mma_16816<CT>(s_acc[2 * nt2 + 1], a, bfr[2], bfr[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma_16816<CT>(s_acc[mt][2 * nt2], a[mt], bfr[0], bfr[1]);
+          mma_16816<CT>(s_acc[mt][2 * nt2 + 1], a[mt], bfr[2], bfr[3]);
+        }
       }
     }
 
@@ -299,63 +340,72 @@ __global__ void __launch_bounds__(Cfg::kThreads) attn_tile_kernel(const __grid_c
     const bool full = (j0 + BN <= ke) && (!causal || j0 + BN - 1 <= pos_first) &&
                       (window < 0 || int64_t(pos_last) - j0 <= window);
     const int jw = j0 + wn * KW;
-    float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int nt = 0; nt < KW / 8; ++nt) {
+    for (int mt = 0; mt < MT; ++mt) {
+      float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = s_acc[nt][e];
-        x = use_cap ? cap_out * tanhf(x * cap_in) : x * scale_log2;
-        if (!full) {
-          const int j = jw + nt * 8 + tig * 2 + (e & 1);
-          if (!(j < ke && key_visible(pos_r[e >> 1], j, causal, window))) x = -INFINITY;
+      for (int nt = 0; nt < KW / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float x = s_acc[mt][nt][e];
+          x = use_cap ? cap_out * tanhf(x * cap_in) : x * scale_log2;
+          if (!full) {
+            const int j = jw + nt * 8 + tig * 2 + (e & 1);
+            if (!(j < ke && key_visible(pos_r[mt][e >> 1], j, causal, window))) x = -INFINITY;
+          }
+          s_acc[mt][nt][e] = x;
+          mx[e >> 1] = fmaxf(mx[e >> 1], x);
         }
-        s_acc[nt][e] = x;
-        mx[e >> 1] = fmaxf(mx[e >> 1], x);
       }
-    }
-    float m_use[2];
+      float m_use[2];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
-      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
-      const float m_new = fmaxf(m_run[h], mx[h]);
-      m_use[h] = m_new == -INFINITY ? 0.0f : m_new;
-      const float alpha = exp2f(m_run[h] - m_use[h]);
-      m_run[h] = m_new;
-      l_run[h] *= alpha;
+      for (int h = 0; h < 2; ++h) {
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+        const float m_new = fmaxf(m_run[mt][h], mx[h]);
+        m_use[h] = m_new == -INFINITY ? 0.0f : m_new;
+        const float alpha = fast_exp2(m_run[mt][h] - m_use[h]);
+        m_run[mt][h] = m_new;
+        l_run[mt][h] *= alpha;
 #pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        o_acc[dt][2 * h] *= alpha;
-        o_acc[dt][2 * h + 1] *= alpha;
+        for (int dt = 0; dt < D / 8; ++dt) {
+          o_acc[mt][dt][2 * h] *= alpha;
+          o_acc[mt][dt][2 * h + 1] *= alpha;
+        }
       }
-    }
 #pragma unroll
-    for (int nt = 0; nt < KW / 8; ++nt) {
+      for (int nt = 0; nt < KW / 8; ++nt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float pr = exp2f(s_acc[nt][e] - m_use[e >> 1]);
-        l_run[e >> 1] += pr;
-        s_acc[nt][e] = pr;
+        for (int e = 0; e < 4; ++e) {
+          const float pr = fast_exp2(s_acc[mt][nt][e] - m_use[e >> 1]);
+          l_run[mt][e >> 1] += pr;
+          s_acc[mt][nt][e] = pr;
+        }
       }
     }
 
     // ---- O += P V ----
 #pragma unroll
     for (int kk = 0; kk < KW / 16; ++kk) {
-      uint32_t a[4];
-      a[0] = TypeTraits<CT>::pack(s_acc[2 * kk][0], s_acc[2 * kk][1]);
-      a[1] = TypeTraits<CT>::pack(s_acc[2 * kk][2], s_acc[2 * kk][3]);
-      a[2] = TypeTraits<CT>::pack(s_acc[2 * kk + 1][0], s_acc[2 * kk + 1][1]);
-      a[3] = TypeTraits<CT>::pack(s_acc[2 * kk + 1][2], s_acc[2 * kk + 1][3]);
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        a[mt][0] = TypeTraits<CT>::pack(s_acc[mt][2 * kk][0], s_acc[mt][2 * kk][1]);
+        a[mt][1] = TypeTraits<CT>::pack(s_acc[mt][2 * kk][2], s_acc[mt][2 * kk][3]);
+        a[mt][2] = TypeTraits<CT>::pack(s_acc[mt][2 * kk + 1][0], s_acc[mt][2 * kk + 1][1]);
+        a[mt][3] = TypeTraits<CT>::pack(s_acc[mt][2 * kk + 1][2], s_acc[mt][2 * kk + 1][3]);
+      }
 #pragma unroll
       for (int dt2 = 0; dt2 < D / 16; ++dt2) {
         uint32_t bfr[4];
         ldmatrix_x4_trans(bfr, v_base + swz<D>(wn * KW + kk * 16 + (lane & 7) +
                                                     ((lane >> 3) & 1) * 8,
                                                 2 * dt2 + (lane >> 4)));
-        mma_16816<CT>(o_acc[2 * dt2], a, bfr[0], bfr[1]);
-        mma_16816<CT>(o_acc[2 * dt2 + 1], a, bfr[2], bfr[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma_16816<CT>(o_acc[mt][2 * dt2], a[mt], bfr[0], bfr[1]);
+          mma_16816<CT>(o_acc[mt][2 * dt2 + 1], a[mt], bfr[2], bfr[3]);
+        }
       }
     }
     __syncthreads();  // this stage (and the fp8 tiles) may be overwritten next
@@ -363,27 +413,32 @@ __global__ void __launch_bounds__(Cfg::kThreads) attn_tile_kernel(const __grid_c
 
   // ---- epilogue: combine the WN key-slices of each row, normalize, write ----
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 1);
-    l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 2);
-  }
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      l_run[mt][h] += __shfl_xor_sync(0xffffffffu, l_run[mt][h], 1);
+      l_run[mt][h] += __shfl_xor_sync(0xffffffffu, l_run[mt][h], 2);
+    }
   cp_async_wait<0>();
   __syncthreads();
   float* red_o = reinterpret_cast<float*>(smem + Cfg::kQBytes);
   float* red_m = red_o + Cfg::WN * BM * Cfg::kRedStride;
   float* red_l = red_m + Cfg::WN * BM;
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int row = wm * 16 + g + 8 * h;
-    float* dst = red_o + (wn * BM + row) * Cfg::kRedStride + tig * 2;
+  for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt)
-      *reinterpret_cast<float2*>(dst + dt * 8) = make_float2(o_acc[dt][2 * h], o_acc[dt][2 * h + 1]);
-    if (tig == 0) {
-      red_m[wn * BM + row] = m_run[h];
-      red_l[wn * BM + row] = l_run[h];
+    for (int h = 0; h < 2; ++h) {
+      const int row = wrow0 + mt * 16 + g + 8 * h;
+      float* dst = red_o + (wn * BM + row) * Cfg::kRedStride + tig * 2;
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt)
+        *reinterpret_cast<float2*>(dst + dt * 8) =
+            make_float2(o_acc[mt][dt][2 * h], o_acc[mt][dt][2 * h + 1]);
+      if (tig == 0) {
+        red_m[wn * BM + row] = m_run[mt][h];
+        red_l[wn * BM + row] = l_run[mt][h];
+      }
     }
-  }
   __syncthreads();
 
   const int64_t Hq = p.num_q_heads;
@@ -438,8 +493,10 @@ __global__ void __launch_bounds__(Cfg::kThreads) attn_tile_kernel(const __grid_c
         *reinterpret_cast<float4*>(L.part_out + prow * D + c4 * 4) =
             make_float4(o.x * f, o.y * f, o.z * f, o.w * f);
         if (c4 == 0) L.part_lse[prow] = lse2;
-      } else if (c4 == 0) {
-        L.part_lse[prow] = -INFINITY;  // empty split: the merge skips its output
+      } else {
+        // Empty split: weight 0 in the merge, which reads its (zeroed) output unconditionally.
+        *reinterpret_cast<float4*>(L.part_out + prow * D + c4 * 4) = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (c4 == 0) L.part_lse[prow] = -INFINITY;
       }
     }
   }
@@ -467,40 +524,58 @@ struct TileRunner {
   }
 };
 
+// Tile shapes (rows of packed (token, group head) pairs per CTA):
+//   kShapeDecode:    16 rows, 1 row of warps, the warps split each key tile (small row counts);
+//   kShapePrefill64: 64 rows, 4 warps x 16 rows;
+//   kShapePrefill128: 128 rows, 4 warps x 2 MMA row tiles (head_dim <= 128; 256 uses 64 rows).
+enum TileShape : int { kShapeDecode = 0, kShapePrefill64 = 1, kShapePrefill128 = 2 };
+
 // Per-head_dim entry points (one .cu file each, so the instantiations compile in parallel).
-// `decode_shape`: the block holds at most 16 packed rows (WM = 1, warps split keys).
 // `page_dtype` picks the compute dtype: bf16 pages -> bf16, f16 and fp8 pages -> f16.
 // With `L == nullptr` only fills `info` (also sets the kernel's shared-memory limit).
-cudaError_t attn_tiles_d64(const AttnLaunch* L, bool decode_shape, DType page_dtype,
-                           TileInfo* info, dim3 grid, cudaStream_t stream);
-cudaError_t attn_tiles_d128(const AttnLaunch* L, bool decode_shape, DType page_dtype,
-                            TileInfo* info, dim3 grid, cudaStream_t stream);
-cudaError_t attn_tiles_d256(const AttnLaunch* L, bool decode_shape, DType page_dtype,
-                            TileInfo* info, dim3 grid, cudaStream_t stream);
+cudaError_t attn_tiles_d64(const AttnLaunch* L, int shape, DType page_dtype, TileInfo* info,
+                           dim3 grid, cudaStream_t stream);
+cudaError_t attn_tiles_d128(const AttnLaunch* L, int shape, DType page_dtype, TileInfo* info,
+                            dim3 grid, cudaStream_t stream);
+cudaError_t attn_tiles_d256(const AttnLaunch* L, int shape, DType page_dtype, TileInfo* info,
+                            dim3 grid, cudaStream_t stream);
 
-// Dispatch over (shape, page dtype) for one head_dim; used by the attn_d*.cu files.
-template <int D, int DecWN, int DecBN, int PreBN>
-cudaError_t attn_tiles_dispatch(const AttnLaunch* L, bool decode_shape, DType page_dtype,
-                                TileInfo* info, dim3 grid, cudaStream_t stream) {
+template <int D, int WM, int WN, int BN, int MT>
+struct ShapeCfgs {
+  using BF16 = TileRunner<TileCfg<D, WM, WN, BN, __nv_bfloat16, false, MT>>;
+  using F16 = TileRunner<TileCfg<D, WM, WN, BN, __half, false, MT>>;
+  using F8 = TileRunner<TileCfg<D, WM, WN, BN, __half, true, MT>>;
+};
+
+template <class Cfgs>
+cudaError_t run_for_dtype(const AttnLaunch* L, DType page_dtype, TileInfo* info, dim3 grid,
+                          cudaStream_t stream) {
   auto run = [&](auto runner) -> cudaError_t {
     using R = decltype(runner);
     if (L == nullptr) return R::info(info);
     return R::launch(*L, grid, stream);
   };
-  if (decode_shape) {
-    switch (page_dtype) {
-      case DType::kBF16: return run(TileRunner<TileCfg<D, 1, DecWN, DecBN, __nv_bfloat16, false>>{});
-      case DType::kF16: return run(TileRunner<TileCfg<D, 1, DecWN, DecBN, __half, false>>{});
-      case DType::kF8E4M3: return run(TileRunner<TileCfg<D, 1, DecWN, DecBN, __half, true>>{});
-      default: return cudaErrorInvalidValue;
-    }
-  }
   switch (page_dtype) {
-    case DType::kBF16: return run(TileRunner<TileCfg<D, 4, 1, PreBN, __nv_bfloat16, false>>{});
-    case DType::kF16: return run(TileRunner<TileCfg<D, 4, 1, PreBN, __half, false>>{});
-    case DType::kF8E4M3: return run(TileRunner<TileCfg<D, 4, 1, PreBN, __half, true>>{});
+    case DType::kBF16: return run(typename Cfgs::BF16{});
+    case DType::kF16: return run(typename Cfgs::F16{});
+    case DType::kF8E4M3: return run(typename Cfgs::F8{});
     default: return cudaErrorInvalidValue;
   }
+}
+
+// Dispatch over (shape, page dtype) for one head_dim; used by the attn_d*.cu files.
+// Big128BN: key tile of the 128-row shape, 0 when that shape does not exist for this head_dim
+// (it then maps to the 64-row shape).
+template <int D, int DecWN, int DecBN, int PreBN, int Big128BN>
+cudaError_t attn_tiles_dispatch(const AttnLaunch* L, int shape, DType page_dtype,
+                                TileInfo* info, dim3 grid, cudaStream_t stream) {
+  if (shape == kShapeDecode)
+    return run_for_dtype<ShapeCfgs<D, 1, DecWN, DecBN, 1>>(L, page_dtype, info, grid, stream);
+  if constexpr (Big128BN > 0) {
+    if (shape == kShapePrefill128)
+      return run_for_dtype<ShapeCfgs<D, 4, 1, Big128BN, 2>>(L, page_dtype, info, grid, stream);
+  }
+  return run_for_dtype<ShapeCfgs<D, 4, 1, PreBN, 1>>(L, page_dtype, info, grid, stream);
 }
 
 }  // namespace cuda
