@@ -69,6 +69,7 @@ __global__ void __launch_bounds__(kPrepThreads) attn_prepare_kernel(
       const int64_t last = (r.kv_len - 1) / p.kv.page_size;
       const int32_t* bt = p.block_tables + b * p.max_pages_per_req;
       int bad = 0;
+#pragma unroll 8
       for (int64_t i = first + threadIdx.x; i <= last; i += blockDim.x)
         bad |= !page_in_range(p.kv, bt[i]);
       ok = !__syncthreads_or(bad);
