@@ -94,13 +94,13 @@ def _cuda_attention_lowering(name, is_decode):
         _check_cuda_supported(ctx, params)
         t, hq, d = params["q_shape"]
         bt = ctx.avals_in[3]
-        page_size = ctx.avals_in[1].shape[2 if params["kv_layout"] == 0 else 3]
-        if params["kv_combined"]:
-            page_size = ctx.avals_in[1].shape[3 if params["kv_layout"] == 0 else 4]
+        # Page geometry after the optional [P, 2] prefix: NHD (page, heads) / HND (heads, page).
+        geom = ctx.avals_in[1].shape[2 if params["kv_combined"] else 1:]
+        page_size, num_kv_heads = geom[:2] if params["kv_layout"] == 0 else geom[1::-1]
         nbytes = _workspace.cuda_workspace_bytes(
             is_decode=is_decode, num_tokens=t, num_q_heads=hq, head_dim=d, batch=bt.shape[0],
             max_pages_per_req=bt.shape[1], page_size=page_size,
-            max_q_len=params["max_q_len"])
+            max_q_len=params["max_q_len"], num_kv_heads=num_kv_heads)
         # The split-KV workspace is an extra XLA-allocated output (CUDA-graph safe), hidden
         # from the primitive's results.
         ws = compat.ShapedArray((int(nbytes),), np.dtype(np.uint8))

@@ -97,7 +97,7 @@ if has tests; then
   t0=$(date +%s)
   pids=()
   for k in $(seq 0 $((SHARDS - 1))); do
-    JPA_TEST_SHARD="$k/$SHARDS" timeout --kill-after=15 "${T_TESTS:-170}" \
+    JPA_TEST_SHARD="$k/$SHARDS" timeout --kill-after=15 "${T_TESTS:-240}" \
       "$PY" -m pytest -v --tb=short -rfE --durations=5 -p no:cacheprovider tests/test_gpu.py \
       ${PYTEST_GPU_ARGS:-} >"$OUT/.gpu_tests_$k.log" 2>&1 &
     pids+=($!)
