@@ -421,18 +421,7 @@ def write_outputs(outdir, meta, rows, plot=False):
         f.write("\n".join(md))
     if not plot:
         return ""
-    groups = []
-    for r in rows:
-        if r["point"] not in groups and r.get("gbps"):
-            groups.append(r["point"])
-    impls = []
-    for r in rows:
-        if r["impl"] not in impls and r.get("gbps"):
-            impls.append(r["impl"])
-    series = {i: [next((r.get("gbps") for r in rows
-                        if r["point"] == g and r["impl"] == i and r.get("gbps")), None)
-                  for g in groups] for i in impls}
-    return C.try_plot_bars(os.path.join(outdir, "decode.png"), groups, series,
+    return C.try_plot_bars(os.path.join(outdir, "decode.png"), rows, "gbps",
                            ylabel="GB/s (K+V+q+out bytes / time)",
                            title=f"Paged decode, {meta['device'].get('device_kind')}",
                            hline=meta["ceiling"].get("read_gbps"),
@@ -468,28 +457,13 @@ def main(argv=None):
     meta = {"device": info, "timer": f"CUPTI {timer.cupti_status}", "reps": reps,
             "ceiling": ceiling, "impls": impls, "argv": sys.argv[1:],
             "l2_bytes": info["l2_bytes_assumed"]}
-    rows: list[dict] = []
-    for i, pt in enumerate(points):
-        elapsed = time.time() - t_start
-        if elapsed > args.budget_s:
-            C.log(f"[{i + 1}/{len(points)}] {pt.name}: skipped (budget {args.budget_s:.0f}s "
-                  "spent)")
-            rows.append({"point": pt.name, "config": pt.config, "impl": "-", "B": pt.batch,
-                         "L": pt.max_len, "status": "skipped: time budget"})
-            continue
-        C.log(f"[{i + 1}/{len(points)}] {pt.name} ({pt.config}) t={elapsed:.0f}s")
-        try:
-            rows += run_point(pt, impls, timer, info["l2_bytes_assumed"], args.seed + i,
-                              args.cpu_smoke, not args.no_ref_check)
-        except Exception as e:
-            C.log(f"    point failed: {C.short_error(e)}")
-            C.print_traceback_tail(e)
-            rows.append({"point": pt.name, "config": pt.config, "impl": "-",
-                         "B": pt.batch, "L": pt.max_len,
-                         "status": f"error (point): {C.short_error(e)}"})
-            C.free()
-        finalize(rows, ceiling)
-        write_outputs(outdir, meta, rows)
+    rows = C.run_points(
+        points, t_start=t_start, budget_s=args.budget_s,
+        run_one=lambda i, pt: run_point(pt, impls, timer, info["l2_bytes_assumed"],
+                                        args.seed + i, args.cpu_smoke, not args.no_ref_check),
+        base_row=lambda pt: {"point": pt.name, "config": pt.config, "B": pt.batch,
+                             "L": pt.max_len},
+        after_point=lambda rows: (finalize(rows, ceiling), write_outputs(outdir, meta, rows)))
 
     # The ceiling again at the end: drift between the two says the card's state moved.
     end = C.measure_bandwidth_ceiling(timer, ceil_bytes, copy=False)

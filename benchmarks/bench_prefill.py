@@ -326,18 +326,7 @@ def write_outputs(outdir, meta, rows, plot=False):
         f.write("\n".join(md))
     if not plot:
         return ""
-    groups = []
-    for r in rows:
-        if r["point"] not in groups and r.get("tflops"):
-            groups.append(r["point"])
-    impls = []
-    for r in rows:
-        if r["impl"] not in impls and r.get("tflops"):
-            impls.append(r["impl"])
-    series = {i: [next((r.get("tflops") for r in rows
-                        if r["point"] == g and r["impl"] == i and r.get("tflops")), None)
-                  for g in groups] for i in impls}
-    return C.try_plot_bars(os.path.join(outdir, "prefill.png"), groups, series,
+    return C.try_plot_bars(os.path.join(outdir, "prefill.png"), rows, "tflops",
                            ylabel="TFLOP/s (causal FLOPs)",
                            title=f"Causal prefill, {meta['device'].get('device_kind')}",
                            hline=meta["matmul"].get("tflops"),
@@ -367,32 +356,21 @@ def main(argv=None):
     meta = {"device": info, "timer": f"CUPTI {timer.cupti_status}", "reps": reps,
             "matmul": matmul, "impls": impls, "argv": sys.argv[1:]}
     limit = C.device_memory_limit()
-    rows: list[dict] = []
-    pts = points(args.quick, args.cpu_smoke)
-    for i, pt in enumerate(pts):
-        elapsed = time.time() - t_start
-        skip = None
-        if elapsed > args.budget_s:
-            skip = f"skipped: time budget ({args.budget_s:.0f}s) spent"
-        elif limit and pt.bytes_estimate() > 0.8 * limit:
-            skip = (f"skipped: needs ~{pt.bytes_estimate() / C.GiB:.1f} GiB of "
+
+    def too_big(pt):
+        if limit and pt.bytes_estimate() > 0.8 * limit:
+            return (f"skipped: needs ~{pt.bytes_estimate() / C.GiB:.1f} GiB of "
                     f"{limit / C.GiB:.1f} GiB")
-        if skip:
-            C.log(f"[{i + 1}/{len(pts)}] {pt.name}: {skip}")
-            rows.append({"point": pt.name, "config": pt.config, "impl": "-", "B": pt.batch,
-                         "L": pt.length, "status": skip})
-            continue
-        C.log(f"[{i + 1}/{len(pts)}] {pt.name} ({pt.config}) t={elapsed:.0f}s")
-        try:
-            rows += run_point(pt, impls, timer, args.seed + i, not args.no_ref_check)
-        except Exception as e:
-            C.log(f"    point failed: {C.short_error(e)}")
-            C.print_traceback_tail(e)
-            rows.append({"point": pt.name, "config": pt.config, "impl": "-", "B": pt.batch,
-                         "L": pt.length, "status": f"error (point): {C.short_error(e)}"})
-            C.free()
-        finalize(rows, matmul)
-        write_outputs(outdir, meta, rows)
+        return None
+
+    rows = C.run_points(
+        points(args.quick, args.cpu_smoke), t_start=t_start, budget_s=args.budget_s,
+        run_one=lambda i, pt: run_point(pt, impls, timer, args.seed + i,
+                                        not args.no_ref_check),
+        base_row=lambda pt: {"point": pt.name, "config": pt.config, "B": pt.batch,
+                             "L": pt.length},
+        after_point=lambda rows: (finalize(rows, matmul), write_outputs(outdir, meta, rows)),
+        skip_reason=too_big)
 
     meta["total_s"] = time.time() - t_start
     finalize(rows, matmul)

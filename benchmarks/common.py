@@ -565,9 +565,15 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str
     return "\n".join(lines)
 
 
-def try_plot_bars(path: str, groups: list[str], series: dict[str, list], *, ylabel: str,
-                  title: str, hline: float | None = None, hline_label: str = "") -> str:
-    """Grouped bar chart; returns "" on success or why it was skipped."""
+def try_plot_bars(path: str, rows: list[dict], metric: str, *, ylabel: str, title: str,
+                  hline: float | None = None, hline_label: str = "") -> str:
+    """Grouped bar chart of `metric`, one group per point and one bar per implementation;
+    returns "" on success or why it was skipped."""
+    groups = list(dict.fromkeys(r["point"] for r in rows if r.get(metric)))
+    impls = list(dict.fromkeys(r["impl"] for r in rows if r.get(metric)))
+    series = {i: [next((r[metric] for r in rows
+                        if r["point"] == g and r["impl"] == i and r.get(metric)), None)
+                  for g in groups] for i in impls}
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -595,6 +601,33 @@ def try_plot_bars(path: str, groups: list[str], series: dict[str, list], *, ylab
         return ""
     except Exception as e:
         return f"plot failed ({short_error(e)})"
+
+
+def run_points(points, *, t_start: float, budget_s: float, run_one, base_row, after_point,
+               skip_reason=lambda pt: None) -> list[dict]:
+    """Runs each benchmark point in turn, isolating failures: a point that raises, or that
+    the time budget or `skip_reason` rules out, becomes one status row and the run goes on.
+    `after_point(rows)` runs after every point so a later timeout still leaves results."""
+    rows: list[dict] = []
+    for i, pt in enumerate(points):
+        elapsed = time.time() - t_start
+        skip = (f"skipped: time budget ({budget_s:.0f}s) spent" if elapsed > budget_s
+                else skip_reason(pt))
+        if skip:
+            log(f"[{i + 1}/{len(points)}] {pt.name}: {skip}")
+            rows.append({**base_row(pt), "impl": "-", "status": skip})
+            continue
+        log(f"[{i + 1}/{len(points)}] {pt.name} ({pt.config}) t={elapsed:.0f}s")
+        try:
+            rows += run_one(i, pt)
+        except Exception as e:
+            log(f"    point failed: {short_error(e)}")
+            print_traceback_tail(e)
+            rows.append({**base_row(pt), "impl": "-",
+                         "status": f"error (point): {short_error(e)}"})
+            free()
+        after_point(rows)
+    return rows
 
 
 def print_traceback_tail(e: BaseException, lines: int = 6) -> None:
