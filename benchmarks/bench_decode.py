@@ -151,28 +151,26 @@ class Built:
     note: str = ""
 
 
-def build_ours(pt: Point, sets: list[InputSet]) -> list[Built]:
-    import jax_paged_attn as jpa
+def _build_jpa_style(name: str, decode_fn, pt: Point, sets: list[InputSet]) -> list[Built]:
+    """Ours and the XLA reference share the public signature."""
     n, c0 = pt.q_len, sets[0].cache
 
     def fn(q, k, v, bt, sl):
-        return jpa.paged_decode(q, k, v, bt, sl, q_len_per_req=n, k_scale=c0.k_scale,
-                                v_scale=c0.v_scale)
+        return decode_fn(q, k, v, bt, sl, q_len_per_req=n, k_scale=c0.k_scale,
+                         v_scale=c0.v_scale)
 
     args = [(s.q, s.cache.k, s.cache.v, s.cache.block_tables, s.cache.seq_lens) for s in sets]
-    return [Built("ours", fn, args, lambda o: o, kv_itemsize(pt.kv))]
+    return [Built(name, fn, args, lambda o: o, kv_itemsize(pt.kv))]
+
+
+def build_ours(pt: Point, sets: list[InputSet]) -> list[Built]:
+    import jax_paged_attn as jpa
+    return _build_jpa_style("ours", jpa.paged_decode, pt, sets)
 
 
 def build_xla(pt: Point, sets: list[InputSet]) -> list[Built]:
     from jax_paged_attn import reference
-    n, c0 = pt.q_len, sets[0].cache
-
-    def fn(q, k, v, bt, sl):
-        return reference.paged_decode(q, k, v, bt, sl, q_len_per_req=n, k_scale=c0.k_scale,
-                                      v_scale=c0.v_scale)
-
-    args = [(s.q, s.cache.k, s.cache.v, s.cache.block_tables, s.cache.seq_lens) for s in sets]
-    return [Built("xla", fn, args, lambda o: o, kv_itemsize(pt.kv))]
+    return _build_jpa_style("xla", reference.paged_decode, pt, sets)
 
 
 def build_cudnn(pt: Point, sets: list[InputSet]) -> list[Built]:
@@ -284,53 +282,16 @@ def reference_f32(pt: Point, s: InputSet):
 def run_impl(name, pt, sets, timer, lens, reps_sets):
     row = {"point": pt.name, "tag": pt.tag, "config": pt.config, "impl": name,
            "B": pt.batch, "L": pt.max_len, "sets": reps_sets}
-    try:
-        variants = BUILDERS[name](pt, sets)
-    except C.Unsupported as e:
-        row["status"] = f"skipped: {e}"
-        return row, None
-    except Exception as e:
-        row["status"] = f"error (setup): {C.short_error(e)}"
-        return row, None
-    built, outs, errors = None, None, []
-    for cand in variants:
-        try:
-            jfn = C.multi_call(cand.fn)
-            outs = jax.block_until_ready(jfn(*cand.args))
-            built = cand
-            break
-        except Exception as e:
-            errors.append(C.short_error(e))
-    if built is None:
-        row["impl"] = variants[0].label if variants else name
-        row["status"] = "error: " + " | ".join(errors)
-        C.free([o for v in variants for o in v.owned])
-        return row, None
-    row["impl"] = built.label
-    if built.note:
-        row["note"] = built.note
-    tokens = None
-    try:
-        # A copy: the outputs are deleted below, and a reshape might share their buffer.
-        tokens = jnp.array(built.to_tokens(outs[0]), copy=True)
+
+    def metrics(built, t):
         nbytes = op_bytes(pt, lens, built.itemsize)
-        t = timer.time(jfn, built.args, ops_per_call=len(built.args),
-                       out_bytes=C.tree_nbytes(outs))
-        row.update(status="ok", us=t.us, p10_us=t.p10_us, p90_us=t.p90_us,
-                   wall_us=t.wall_us, samples=t.samples, method=t.method, bytes=nbytes,
-                   gbps=nbytes / (t.us * 1e-6) / 1e9)
-        if t.note:
-            row["note"] = (row.get("note", "") + "; " + t.note).strip("; ")
-        ks = timer.kernels(jfn, built.args)
-        if ks is not None:
-            row["kernels"] = ks           # one call's kernels (all input sets), CUPTI
-    except Exception as e:
-        row["status"] = f"error (timing): {C.short_error(e)}"
-    finally:
-        # Keep only the first set's output (as tokens) for the correctness checks.
-        C.free([o for o in jax.tree_util.tree_leaves(outs) if o is not tokens])
-        C.free(built.owned)
-    return row, tokens
+        return dict(bytes=nbytes, gbps=nbytes / (t.us * 1e-6) / 1e9)
+
+    # One timed call runs every input set (rotation past the L2); time is per set.
+    return C.run_impl(row, lambda: BUILDERS[name](pt, sets), timer, compile_fn=C.multi_call,
+                      first_output=lambda outs: outs[0],
+                      time_kwargs=lambda built: dict(ops_per_call=len(built.args)),
+                      metrics=metrics)
 
 
 def run_point(pt, impls, timer, l2_bytes, seed, smoke, check_ref):
@@ -353,28 +314,8 @@ def run_point(pt, impls, timer, l2_bytes, seed, smoke, check_ref):
             ref = reference_f32(pt, sets[0])
         except Exception as e:
             C.log(f"    reference (f32) failed: {C.short_error(e)}")
-    for row in rows:
-        name = row["impl"]
-        key = "cudnn" if name.startswith("cudnn") else name
-        if key not in outs:
-            continue
-        if key == "ours" or "ours" not in outs:
-            base, base_name = ref, "ref-f32"
-        else:
-            base, base_name = outs["ours"], "ours"
-        if base is None:
-            continue
-        try:
-            row["rel_l2"] = C.rel_l2(outs[key], base)
-            row["rel_vs"] = base_name
-            if not (row["rel_l2"] <= REL_TOL):
-                row["check"] = "MISMATCH"
-        except Exception as e:
-            row["rel_l2_error"] = C.short_error(e)
-    checks = [f"{r_['impl']} vs {r_['rel_vs']} {r_['rel_l2']:.1e}"
-              + (" MISMATCH" if r_.get("check") else "") for r_ in rows if "rel_l2" in r_]
-    if checks:
-        C.log("    rel L2: " + "; ".join(checks))
+    C.check_rows(rows, outs, ref, REL_TOL,
+                 key_of=lambda name: "cudnn" if name.startswith("cudnn") else name)
     cud = next((r_ for r_ in rows if r_["impl"].startswith("cudnn") and "us" in r_), None)
     for row in rows:
         if cud is not None and "us" in row:

@@ -198,48 +198,10 @@ def reference_f32(pt, x):
 def run_impl(name, pt, x, timer):
     row = {"point": pt.name, "config": pt.config, "impl": name, "B": pt.batch,
            "L": pt.length}
-    try:
-        variants = BUILDERS[name](pt, x)
-    except C.Unsupported as e:
-        row["status"] = f"skipped: {e}"
-        return row, None
-    except Exception as e:
-        row["status"] = f"error (setup): {C.short_error(e)}"
-        return row, None
-    built, out, errors = None, None, []
-    for cand in variants:
-        try:
-            jfn = jax.jit(cand.fn)
-            out = jax.block_until_ready(jfn(*cand.args))
-            built = cand
-            break
-        except Exception as e:
-            errors.append(C.short_error(e))
-    if built is None:
-        row["status"] = "error: " + " | ".join(errors)
-        C.free([o for v in variants for o in v.owned])
-        return row, None
-    if built.note:
-        row["note"] = built.note
-    tokens = None
-    try:
-        # A copy: the outputs are deleted below, and a reshape might share their buffer.
-        tokens = jnp.array(built.to_tokens(out), copy=True)
-        t = timer.time(jfn, built.args, out_bytes=C.tree_nbytes(out))
-        row.update(status="ok", us=t.us, p10_us=t.p10_us, p90_us=t.p90_us,
-                   wall_us=t.wall_us, samples=t.samples, method=t.method, flops=pt.flops,
-                   tflops=pt.flops / (t.us * 1e-6) / 1e12)
-        if t.note:
-            row["note"] = (row.get("note", "") + "; " + t.note).strip("; ")
-        ks = timer.kernels(jfn, built.args)
-        if ks is not None:
-            row["kernels"] = ks           # one call's kernels (all input sets), CUPTI
-    except Exception as e:
-        row["status"] = f"error (timing): {C.short_error(e)}"
-    finally:
-        C.free([o for o in jax.tree_util.tree_leaves(out) if o is not tokens])
-        C.free(built.owned)
-    return row, tokens
+    return C.run_impl(row, lambda: BUILDERS[name](pt, x), timer, compile_fn=jax.jit,
+                      first_output=lambda out: out, time_kwargs=lambda built: {},
+                      metrics=lambda built, t: dict(
+                          flops=pt.flops, tflops=pt.flops / (t.us * 1e-6) / 1e12))
 
 
 def run_point(pt, impls, timer, seed, check_ref):
@@ -257,27 +219,7 @@ def run_point(pt, impls, timer, seed, check_ref):
             ref = reference_f32(pt, x)
         except Exception as e:
             C.log(f"    reference (f32) failed: {C.short_error(e)}")
-    for row in rows:
-        name = row["impl"]
-        if name not in outs:
-            continue
-        if name == "ours" or "ours" not in outs:
-            base, base_name = ref, "ref-f32"
-        else:
-            base, base_name = outs["ours"], "ours"
-        if base is None:
-            continue
-        try:
-            row["rel_l2"] = C.rel_l2(outs[name], base)
-            row["rel_vs"] = base_name
-            if not (row["rel_l2"] <= REL_TOL):
-                row["check"] = "MISMATCH"
-        except Exception as e:
-            row["rel_l2_error"] = C.short_error(e)
-    checks = [f"{r_['impl']} vs {r_['rel_vs']} {r_['rel_l2']:.1e}"
-              + (" MISMATCH" if r_.get("check") else "") for r_ in rows if "rel_l2" in r_]
-    if checks:
-        C.log("    rel L2: " + "; ".join(checks))
+    C.check_rows(rows, outs, ref, REL_TOL)
     dense = next((r for r in rows if r["impl"] == "cudnn-dense" and "us" in r), None)
     paged = next((r for r in rows if r["impl"] == "cudnn-paged" and "us" in r), None)
     for row in rows:

@@ -603,6 +603,86 @@ def try_plot_bars(path: str, rows: list[dict], metric: str, *, ylabel: str, titl
         return f"plot failed ({short_error(e)})"
 
 
+def run_impl(row: dict, build, timer: "Timer", *, compile_fn, first_output, time_kwargs,
+             metrics):
+    """Builds one implementation (its first variant that compiles and runs wins), times it,
+    and keeps its first output (as tokens) for the correctness check: returns (row, tokens).
+
+    build() -> variants with .label .fn .args .to_tokens .owned .note; compile_fn(fn) -> a
+    callable run as compile_fn(fn)(*variant.args); time_kwargs(variant) -> extra arguments
+    of timer.time; metrics(variant, TimeResult) -> fields for the row."""
+    try:
+        variants = build()
+    except Unsupported as e:
+        row["status"] = f"skipped: {e}"
+        return row, None
+    except Exception as e:
+        row["status"] = f"error (setup): {short_error(e)}"
+        return row, None
+    built, outs, jfn, errors = None, None, None, []
+    for cand in variants:
+        try:
+            jfn = compile_fn(cand.fn)
+            outs = jax.block_until_ready(jfn(*cand.args))
+            built = cand
+            break
+        except Exception as e:
+            errors.append(short_error(e))
+    if built is None:
+        row["impl"] = variants[0].label if variants else row["impl"]
+        row["status"] = "error: " + " | ".join(errors)
+        free([o for v in variants for o in v.owned])
+        return row, None
+    row["impl"] = built.label
+    if built.note:
+        row["note"] = built.note
+    tokens = None
+    try:
+        # A copy: the outputs are deleted below, and a reshape might share their buffer.
+        tokens = jnp.array(built.to_tokens(first_output(outs)), copy=True)
+        t = timer.time(jfn, built.args, out_bytes=tree_nbytes(outs), **time_kwargs(built))
+        row.update(status="ok", us=t.us, p10_us=t.p10_us, p90_us=t.p90_us,
+                   wall_us=t.wall_us, samples=t.samples, method=t.method,
+                   **metrics(built, t))
+        if t.note:
+            row["note"] = (row.get("note", "") + "; " + t.note).strip("; ")
+        ks = timer.kernels(jfn, built.args)
+        if ks is not None:
+            row["kernels"] = ks           # one call's kernels (all input sets), CUPTI
+    except Exception as e:
+        row["status"] = f"error (timing): {short_error(e)}"
+    finally:
+        free([o for o in jax.tree_util.tree_leaves(outs) if o is not tokens])
+        free(built.owned)
+    return row, tokens
+
+
+def check_rows(rows: list[dict], outs: dict, ref, rel_tol: float, key_of=lambda name: name):
+    """Fills rel_l2 / rel_vs / check of each row: ours against the float32 reference, every
+    peer against ours (or the reference when ours did not run); logs a one-line summary."""
+    for row in rows:
+        key = key_of(row["impl"])
+        if key not in outs:
+            continue
+        if key == "ours" or "ours" not in outs:
+            base, base_name = ref, "ref-f32"
+        else:
+            base, base_name = outs["ours"], "ours"
+        if base is None:
+            continue
+        try:
+            row["rel_l2"] = rel_l2(outs[key], base)
+            row["rel_vs"] = base_name
+            if not (row["rel_l2"] <= rel_tol):
+                row["check"] = "MISMATCH"
+        except Exception as e:
+            row["rel_l2_error"] = short_error(e)
+    checks = [f"{r['impl']} vs {r['rel_vs']} {r['rel_l2']:.1e}"
+              + (" MISMATCH" if r.get("check") else "") for r in rows if "rel_l2" in r]
+    if checks:
+        log("    rel L2: " + "; ".join(checks))
+
+
 def run_points(points, *, t_start: float, budget_s: float, run_one, base_row, after_point,
                skip_reason=lambda pt: None) -> list[dict]:
     """Runs each benchmark point in turn, isolating failures: a point that raises, or that
