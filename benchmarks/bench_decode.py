@@ -316,7 +316,9 @@ def run_point(pt, impls, timer, l2_bytes, seed, smoke, check_ref):
             C.log(f"    reference (f32) failed: {C.short_error(e)}")
     C.check_rows(rows, outs, ref, REL_TOL,
                  key_of=lambda name: "cudnn" if name.startswith("cudnn") else name)
-    cud = next((r_ for r_ in rows if r_["impl"].startswith("cudnn") and "us" in r_), None)
+    # A peer whose output disagrees with ours computes something else: no ratio against it.
+    cud = next((r_ for r_ in rows if r_["impl"].startswith("cudnn") and "us" in r_
+                and r_.get("check") != "MISMATCH"), None)
     for row in rows:
         if cud is not None and "us" in row:
             row["vs_cudnn"] = cud["us"] / row["us"]

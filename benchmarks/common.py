@@ -568,7 +568,9 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str
 def try_plot_bars(path: str, rows: list[dict], metric: str, *, ylabel: str, title: str,
                   hline: float | None = None, hline_label: str = "") -> str:
     """Grouped bar chart of `metric`, one group per point and one bar per implementation;
-    returns "" on success or why it was skipped."""
+    returns "" on success or why it was skipped. Rows that failed the correctness check
+    are left out: their speed is not comparable."""
+    rows = [r for r in rows if r.get("check") != "MISMATCH"]
     groups = list(dict.fromkeys(r["point"] for r in rows if r.get(metric)))
     impls = list(dict.fromkeys(r["impl"] for r in rows if r.get(metric)))
     series = {i: [next((r[metric] for r in rows
