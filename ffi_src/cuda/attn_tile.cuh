@@ -34,7 +34,8 @@ struct TileInfo {
   int ctas_per_sm = 0;  // from the occupancy calculator
 };
 
-template <int D_, int WM_, int WN_, int BN_, typename CT_, bool kFp8_, int MT_ = 1>
+template <int D_, int WM_, int WN_, int BN_, typename CT_, bool kFp8_, int MT_ = 1,
+          int Stages_ = 2>
 struct TileCfg {
   static constexpr int D = D_;
   static constexpr int WM = WM_;
@@ -53,7 +54,8 @@ struct TileCfg {
   static constexpr int kRawRow = D * kPageBytes;  // bytes of one stored key row
   static constexpr int kRawChunks = kRawRow / 16;
   static_assert(kThreads % kRawChunks == 0, "a thread keeps one chunk column while loading");
-  static constexpr int kStages = 2;
+  static constexpr int kStages = Stages_;  // K/V tiles in flight + the one in use
+  static_assert(kStages >= 2 && kStages <= 4, "pipeline depth");
   static constexpr int kTileRow = D * 2;  // bytes of one row in the compute dtype
   static constexpr int kQBytes = BM * kTileRow;
   static constexpr int kRawTile = BN * kRawRow;  // K (or V) of one stage
@@ -232,9 +234,12 @@ __global__ void __launch_bounds__(Cfg::kThreads) attn_tile_kernel(const __grid_c
 
   const uint32_t conv_base = stage_base + Cfg::kStages * Cfg::kStageBytes;
 
-  // First K/V tile in flight before Q is staged (Q's loads overlap it).
-  if (ntiles > 0) issue_tile(0, kb);
-  cp_async_commit();
+  // The first kStages - 1 K/V tiles in flight before Q is staged (Q's loads overlap them).
+#pragma unroll
+  for (int s = 0; s < Cfg::kStages - 1; ++s) {
+    if (s < ntiles) issue_tile(s, kb + s * BN);
+    cp_async_commit();
+  }
 
   // ---- stage Q: BM packed rows x D, compute dtype, swizzled (visible to every warp after
   // the first __syncthreads of the loop) ----
@@ -267,17 +272,21 @@ __global__ void __launch_bounds__(Cfg::kThreads) attn_tile_kernel(const __grid_c
   }
 
 
+  int stage = 0;  // t % kStages
   for (int t = 0; t < ntiles; ++t) {
     const int j0 = kb + t * BN;
-    if (t + 1 < ntiles) issue_tile((t + 1) & 1, j0 + BN);
+    // Refill the stage used by tile t - 1 (released by the barrier ending that iteration).
+    constexpr int kAhead = Cfg::kStages - 1;
+    if (t + kAhead < ntiles)
+      issue_tile(stage == 0 ? kAhead : stage - 1, j0 + kAhead * BN);
     cp_async_commit();
-    cp_async_wait<1>();
+    cp_async_wait<Cfg::kStages - 1>();
     __syncthreads();
 
     uint32_t k_base, v_base;
     if constexpr (Cfg::kFp8) {
       // Widen the raw fp8 stage into the fp16 tiles (swizzled like the 16-bit path).
-      const unsigned char* raw = smem + Cfg::kQBytes + (t & 1) * Cfg::kStageBytes;
+      const unsigned char* raw = smem + Cfg::kQBytes + stage * Cfg::kStageBytes;
       unsigned char* conv = smem + (conv_base - smem_base);
       static_assert((2 * BN * Cfg::kRawChunks) % NT == 0, "fp8 widening loop");
 #pragma unroll 2
@@ -305,7 +314,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attn_tile_kernel(const __grid_c
       k_base = conv_base;
       v_base = conv_base + BN * Cfg::kTileRow;
     } else {
-      k_base = stage_base + (t & 1) * Cfg::kStageBytes;
+      k_base = stage_base + stage * Cfg::kStageBytes;
       v_base = k_base + Cfg::kRawTile;
     }
 
@@ -409,6 +418,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attn_tile_kernel(const __grid_c
       }
     }
     __syncthreads();  // this stage (and the fp8 tiles) may be overwritten next
+    stage = stage + 1 == Cfg::kStages ? 0 : stage + 1;
   }
 
   // ---- epilogue: combine the WN key-slices of each row, normalize, write ----
