@@ -151,7 +151,7 @@ compat.ad.primitive_jvps[append_p] = _not_differentiable("append_kv")
 # ----------------------------------------------------------------------------- batching
 
 
-def _moveaxis0(x, bdim, size):
+def _moveaxis0(x, bdim):
     if bdim is compat.NOT_MAPPED:
         return None
     return jnp.moveaxis(x, bdim, 0)
@@ -159,8 +159,7 @@ def _moveaxis0(x, bdim, size):
 
 def _map_fallback(prim, args, dims, params):
     """vmap as a sequential lax.map over the batch (used when the cache itself is batched)."""
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not compat.NOT_MAPPED)
-    mapped = [_moveaxis0(a, d, size) for a, d in zip(args, dims)]
+    mapped = [_moveaxis0(a, d) for a, d in zip(args, dims)]
     idx = [i for i, m in enumerate(mapped) if m is not None]
 
     def one(xs):

@@ -59,6 +59,12 @@ struct AttnLaunch {
   int32_t row_blocks = 1;       // blocks of packed rows per (request, KV head)
   int32_t page_shift = -1;      // log2(page_size) when a power of two, else -1
   bool q_vec = false;           // q can be read with 16-byte loads in the compute dtype
+  // Decode with the 16-row shape (one row block per request and KV head): no prepare kernel.
+  // Each tile CTA derives its request's row range and validity itself and checks the pages
+  // of its own key range (the splits' ranges cover [first_needed_key, kv_len)); an invalid
+  // request gets NaN rows from the tiles (one split) or NaN split lse that the merge turns
+  // into NaN rows. ReqMeta in the workspace is then neither written nor read.
+  bool fused_checks = false;
 };
 
 }  // namespace cuda

@@ -36,18 +36,32 @@ __global__ void __launch_bounds__(kMergeThreads) attn_merge_kernel(
 
   const AttnParams& p = L.p;
   const int b = blockIdx.y;
-  const ReqMeta meta = L.meta[b];
-  if (meta.status != kReqValid) return;
+  int64_t row_begin, q_len;
+  if (L.fused_checks) {  // decode: fixed rows per request; validity arrives as NaN split lse
+    row_begin = int64_t(b) * p.q_len_per_req;
+    q_len = p.q_len_per_req;
+  } else {
+    const ReqMeta meta = L.meta[b];
+    if (meta.status != kReqValid) return;
+    row_begin = meta.row_begin;
+    q_len = meta.q_len;
+  }
   const int64_t Hq = p.num_q_heads;
   const int64_t idx = blockIdx.x;  // (token in request, head)
-  if (idx >= int64_t(meta.q_len) * Hq) return;  // the whole block leaves together
+  if (idx >= q_len * Hq) return;  // the whole block leaves together
   const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
   const int64_t head = idx % Hq;
-  const int64_t row = (meta.row_begin + idx / Hq) * Hq + head;
+  const int64_t row = (row_begin + idx / Hq) * Hq + head;
   const int64_t ss = p.num_tokens * Hq;  // split stride (rows)
   const int S = L.num_splits;
 
   const float ls = t < S ? L.part_lse[t * ss + row] : -INFINITY;
+  // A NaN split lse marks an invalid request (or pages) found by the tiles (fused checks).
+  if (__syncthreads_or(ls != ls)) {
+    if (t * 4 < D) store4(p.out, row * D + t * 4, p.out_dtype, make_float4(NAN, NAN, NAN, NAN));
+    if (t == 0) p.lse[row] = NAN;
+    return;
+  }
   float v = warp_max(ls);
   if (lane == 0) s_red[warp] = v;
   __syncthreads();

@@ -20,6 +20,7 @@
 #include <cstdint>
 
 #include "../common/mask.h"
+#include "../common/request.h"
 #include "attn_common.cuh"
 #include "cuda_utils.cuh"
 
@@ -114,14 +115,24 @@ __global__ void __launch_bounds__(Cfg::kThreads) attn_tile_kernel(const __grid_c
   const int b = blockIdx.y;
   const int rb = L.row_blocks - 1 - int(blockIdx.z);  // heaviest (latest) row blocks first
 
-  const ReqMeta meta = L.meta[b];
-  if (meta.status != kReqValid || meta.q_len == 0) return;
   const int G = L.group;
+  const int tid = threadIdx.x;
+  ReqMeta meta;
+  if (L.fused_checks) {
+    const RequestInfo ri = request_info_with_run_max(p, b, 0);
+    meta.row_begin = int32_t(ri.row_begin);
+    meta.q_len = int32_t(ri.q_len);
+    meta.kv_len = ri.valid ? int32_t(ri.kv_len) : 0;
+    meta.status = ri.valid ? kReqValid : kReqInvalid;
+  } else {
+    meta = L.meta[b];
+    if (meta.status != kReqValid) return;  // the prepare kernel wrote its NaN rows
+  }
+  if (meta.q_len == 0) return;
   const int rows_total = meta.q_len * G;
   const int r0 = rb * BM;
   if (r0 >= rows_total) return;
 
-  const int tid = threadIdx.x;
   const int kv_len = meta.kv_len;
   const int q_len = meta.q_len;
   const int64_t window = p.window_left;
@@ -142,6 +153,34 @@ __global__ void __launch_bounds__(Cfg::kThreads) attn_tile_kernel(const __grid_c
   const int kb = int(min(int64_t(khi), klo + per * split));
   const int ke = int(min(int64_t(khi), int64_t(kb) + per));
   const int ntiles = (ke - kb + BN - 1) / BN;
+
+  if (L.fused_checks) {
+    // Validity of the request (uniform over the CTA) and of the pages of [kb, ke).
+    int bad = meta.status != kReqValid;
+    if (!bad && ke > kb) {
+      const int64_t first = kb / p.kv.page_size;
+      const int64_t last = (ke - 1) / p.kv.page_size;
+      const int32_t* bt = p.block_tables + int64_t(b) * p.max_pages_per_req;
+      int mine = 0;
+      for (int64_t i = first + tid; i <= last; i += NT) mine |= !page_in_range(p.kv, bt[i]);
+      bad = __syncthreads_or(mine);
+    }
+    if (bad) {
+      // NaN rows (one split) or NaN split lse (the merge makes the rows NaN).
+      const int64_t Hq = p.num_q_heads;
+      for (int idx = tid; idx < (r_end - r0) * (D / 4); idx += NT) {
+        const int R = r0 + idx / (D / 4), c4 = idx % (D / 4);
+        const int64_t row_id = (meta.row_begin + R / G) * Hq + int64_t(kvh) * G + R % G;
+        if (S == 1) {
+          store4(p.out, row_id * D + c4 * 4, p.out_dtype, make_float4(NAN, NAN, NAN, NAN));
+          if (c4 == 0) p.lse[row_id] = NAN;
+        } else if (c4 == 0) {
+          L.part_lse[int64_t(split) * p.num_tokens * Hq + row_id] = NAN;
+        }
+      }
+      return;
+    }
+  }
 
   // ---- K/V tile loader ----
   const int32_t* bt_row = p.block_tables + int64_t(b) * p.max_pages_per_req;
