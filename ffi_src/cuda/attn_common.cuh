@@ -9,6 +9,9 @@
 //      the rows of a block are (token, query head of the group) pairs, so every K/V tile read
 //      serves the whole GQA group. Writes final rows, or per-split partial states.
 //   3. attn_merge (only with more than one split): combines the partial states.
+// Decode with the 16-row tile shape skips step 1 (AttnLaunch::fused_checks): the tiles derive
+// their request's rows and validity, check page indices as they gather keys, and write NaN
+// rows (or NaN split lse, which the merge turns into NaN rows) for an invalid request.
 #pragma once
 
 #include <cstdint>

@@ -1,7 +1,8 @@
 // Host side of decode and prefill: checks what the kernels support, picks the tile shape and
 // the number of KV splits (from the SM count, the occupancy of the chosen kernel, the grid the
 // batch gives and the workspace it was handed; nothing read from device memory), lays out the
-// workspace and launches prepare -> tiles -> (merge). Graph-capture safe: only launches, plus
+// workspace and launches prepare -> tiles -> (merge); decode with the 16-row tile shape skips
+// prepare (the tiles check their own request and pages). Graph-capture safe: only launches, plus
 // cached host-side queries of device attributes.
 #include <cmath>
 #include <cstdint>
@@ -110,6 +111,9 @@ cudaError_t LaunchAttention(const AttnParams& p, cudaStream_t stream) {
       if (std::strcmp(e, "128") == 0) shape = cuda::kShapePrefill128;
     }
   }
+  // Decode with the 16-row shape needs no prepare kernel: the tiles check their request and
+  // pages themselves (AttnLaunch::fused_checks). Prefill keeps it (padding rows, run max).
+  L.fused_checks = p.is_decode() && shape == cuda::kShapeDecode;
   TileInfo ti;
   JPA_CUDA_TRY(cached_tile_info(dev, D, shape, pd, &ti));
   if (ti.smem_bytes > di.max_smem_optin || ti.ctas_per_sm < 1) return cudaErrorInvalidConfiguration;
@@ -159,7 +163,7 @@ cudaError_t LaunchAttention(const AttnParams& p, cudaStream_t stream) {
   L.q_vec = p.q.dtype == compute_dtype(pd) && qaddr % 16 == 0 && p.q.stride_tok % 8 == 0 &&
             p.q.stride_head % 8 == 0;
 
-  JPA_CUDA_TRY(cuda::launch_attn_prepare(L, stream));
+  if (!L.fused_checks) JPA_CUDA_TRY(cuda::launch_attn_prepare(L, stream));
   const dim3 grid(unsigned(splits * Hkv), unsigned(B), unsigned(row_blocks));
   JPA_CUDA_TRY(tiles_for_dim(D, &L, shape, pd, nullptr, grid, stream));
   if (splits > 1) JPA_CUDA_TRY(cuda::launch_attn_merge(L, stream));

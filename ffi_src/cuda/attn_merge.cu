@@ -55,6 +55,20 @@ __global__ void __launch_bounds__(kMergeThreads) attn_merge_kernel(
   const int64_t ss = p.num_tokens * Hq;  // split stride (rows)
   const int S = L.num_splits;
 
+  // Partial outputs loaded up front (warp w: splits w, w + 4, ...), so their latency overlaps
+  // the lse loads and the weight reductions. Every split wrote its rows (zeros when empty).
+  constexpr int kPer = (kMaxSplits + kMergeWarps - 1) / kMergeWarps;
+  const float* base = L.part_out + row * D + lane * 4;
+  float4 xs[kPer][NV];
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int s = warp + i * kMergeWarps;
+#pragma unroll
+    for (int c = 0; c < NV; ++c)
+      xs[i][c] = (s < S && c * 128 + lane * 4 < D)
+                     ? *reinterpret_cast<const float4*>(base + s * ss * D + c * 128)
+                     : make_float4(0.f, 0.f, 0.f, 0.f);
+  }
   const float ls = t < S ? L.part_lse[t * ss + row] : -INFINITY;
   // A NaN split lse marks an invalid request (or pages) found by the tiles (fused checks).
   if (__syncthreads_or(ls != ls)) {
@@ -89,20 +103,16 @@ __global__ void __launch_bounds__(kMergeThreads) attn_merge_kernel(
   float4 acc[NV];
 #pragma unroll
   for (int c = 0; c < NV; ++c) acc[c] = make_float4(0.f, 0.f, 0.f, 0.f);
-  const float* base = L.part_out + row * D + lane * 4;
-#pragma unroll 4
-  for (int s = warp; s < S; s += kMergeWarps) {
-    const float w = s_w[s];
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int s = warp + i * kMergeWarps;
+    const float w = s < S ? s_w[s] : 0.0f;
 #pragma unroll
     for (int c = 0; c < NV; ++c) {
-      if (c * 128 + lane * 4 < D) {
-        // Empty splits wrote zeros here, so the unconditional read is always initialized.
-        const float4 x = *reinterpret_cast<const float4*>(base + s * ss * D + c * 128);
-        acc[c].x += w * x.x;
-        acc[c].y += w * x.y;
-        acc[c].z += w * x.z;
-        acc[c].w += w * x.w;
-      }
+      acc[c].x += w * xs[i][c].x;
+      acc[c].y += w * xs[i][c].y;
+      acc[c].z += w * xs[i][c].z;
+      acc[c].w += w * xs[i][c].w;
     }
   }
 #pragma unroll

@@ -4,7 +4,8 @@
 //  * ReqMeta[b] stored in the workspace for the tile and merge kernels;
 //  * NaN written to every row of an invalid request (out and lse), and for prefill the padding
 //    rows before e[0] (block 0) and from e[B] on (last block) get out 0, lse -inf.
-// Only the metadata arrays and this request's block-table row are read.
+// Only the metadata arrays and this request's block-table row are read. Not launched for decode
+// with the 16-row tile shape (the tile kernel then checks requests and pages itself).
 #include <climits>
 #include <cmath>
 

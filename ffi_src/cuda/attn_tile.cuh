@@ -7,13 +7,17 @@
 // every key tile (decode uses WM = 1, WN > 1: the warps split the keys; prefill WM = 4, WN = 1).
 //
 // Per key tile (BN keys): cp.async 16-byte copies gather the keys' rows from their pages
-// (2 stages, the next tile in flight while this one is used); fp8 pages are then widened to
+// (kStages stages: kStages - 1 tiles in flight while one is used; 3 for 16-bit decode, else
+// 2); fp8 pages are then widened to
 // fp16 in shared memory; S = Q K^T by MMA, scale / soft cap / mask in fp32, online softmax
 // (log2 domain), O += P V by MMA with P rounded to the compute dtype. Key tiles wholly outside
 // the causal/window range of the block are never visited; tiles wholly inside skip masking.
 //
-// The key range [kb, ke) a CTA visits lies inside [first_needed_key, kv_len) of its request,
-// whose pages the prepare kernel has checked, so every page index dereferenced is in range.
+// The key range [kb, ke) a CTA visits lies inside [first_needed_key, kv_len) of its request.
+// Its pages were checked by the prepare kernel, or (decode, AttnLaunch::fused_checks) each
+// page index is checked by the loader as its keys are gathered: an index out of range is never
+// dereferenced (zero-fill) and turns the CTA's rows into NaN. Either way every page index
+// dereferenced is in range.
 #pragma once
 
 #include <cmath>
@@ -154,32 +158,26 @@ __global__ void __launch_bounds__(Cfg::kThreads) attn_tile_kernel(const __grid_c
   const int ke = int(min(int64_t(khi), int64_t(kb) + per));
   const int ntiles = (ke - kb + BN - 1) / BN;
 
-  if (L.fused_checks) {
-    // Validity of the request (uniform over the CTA) and of the pages of [kb, ke).
-    int bad = meta.status != kReqValid;
-    if (!bad && ke > kb) {
-      const int64_t first = kb / p.kv.page_size;
-      const int64_t last = (ke - 1) / p.kv.page_size;
-      const int32_t* bt = p.block_tables + int64_t(b) * p.max_pages_per_req;
-      int mine = 0;
-      for (int64_t i = first + tid; i <= last; i += NT) mine |= !page_in_range(p.kv, bt[i]);
-      bad = __syncthreads_or(mine);
-    }
-    if (bad) {
-      // NaN rows (one split) or NaN split lse (the merge makes the rows NaN).
-      const int64_t Hq = p.num_q_heads;
-      for (int idx = tid; idx < (r_end - r0) * (D / 4); idx += NT) {
-        const int R = r0 + idx / (D / 4), c4 = idx % (D / 4);
-        const int64_t row_id = (meta.row_begin + R / G) * Hq + int64_t(kvh) * G + R % G;
-        if (S == 1) {
-          store4(p.out, row_id * D + c4 * 4, p.out_dtype, make_float4(NAN, NAN, NAN, NAN));
-          if (c4 == 0) p.lse[row_id] = NAN;
-        } else if (c4 == 0) {
-          L.part_lse[int64_t(split) * p.num_tokens * Hq + row_id] = NAN;
-        }
+  // Fused checks: NaN rows (one split) or NaN split lse (the merge then writes NaN rows) for
+  // an invalid request or one with a page index out of range in [kb, ke).
+  auto write_invalid = [&]() {
+    const int64_t Hq = p.num_q_heads;
+    for (int idx = tid; idx < (r_end - r0) * (D / 4); idx += NT) {
+      const int R = r0 + idx / (D / 4), c4 = idx % (D / 4);
+      const int64_t row_id = (meta.row_begin + R / G) * Hq + int64_t(kvh) * G + R % G;
+      if (S == 1) {
+        store4(p.out, row_id * D + c4 * 4, p.out_dtype, make_float4(NAN, NAN, NAN, NAN));
+        if (c4 == 0) p.lse[row_id] = NAN;
+      } else {  // zeros keep every partial output initialized for the merge's loads
+        const int64_t prow = int64_t(split) * p.num_tokens * Hq + row_id;
+        *reinterpret_cast<float4*>(L.part_out + prow * D + c4 * 4) = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (c4 == 0) L.part_lse[prow] = NAN;
       }
-      return;
     }
+  };
+  if (meta.status != kReqValid) {  // fused checks only (uniform over the CTA)
+    write_invalid();
+    return;
   }
 
   // ---- K/V tile loader ----
@@ -203,6 +201,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attn_tile_kernel(const __grid_c
   const int ch = tid % C;
   const int own_key = warp_ * KPW + (lane_ % KPW) + (lane_ / KPW) * KP;  // lanes < IT * KPW
 
+  int bad_page = 0;  // this thread looked up a page index outside [0, num_pages)
   auto issue_tile = [&](int stage, int j0) {
     const uint32_t dst0 = stage_base + stage * Cfg::kStageBytes;
     long long own_off = -1;  // byte offset of the owned key's row, -1 outside [kb, ke)
@@ -217,9 +216,16 @@ __global__ void __launch_bounds__(Cfg::kThreads) attn_tile_kernel(const __grid_c
           pi = j / page_size;
           slot = j - pi * page_size;
         }
-        own_off = (int64_t(bt_row[pi]) * p.kv.page_stride + int64_t(slot) * p.kv.slot_stride +
-                   head_off) *
-                  Cfg::kPageBytes;
+        // Every page of [kb, ke) is looked up here exactly when its keys are loaded. The
+        // prepare kernel has checked them (non-fused), or this check keeps a bad index from
+        // being dereferenced (zero-fill) and the epilogue turns the CTA's rows into NaN.
+        const int32_t page = bt_row[pi];
+        if (page_in_range(p.kv, page))
+          own_off = (int64_t(page) * p.kv.page_stride + int64_t(slot) * p.kv.slot_stride +
+                     head_off) *
+                    Cfg::kPageBytes;
+        else
+          bad_page = 1;
       }
     }
 #pragma unroll
@@ -469,7 +475,10 @@ __global__ void __launch_bounds__(Cfg::kThreads) attn_tile_kernel(const __grid_c
       l_run[mt][h] += __shfl_xor_sync(0xffffffffu, l_run[mt][h], 2);
     }
   cp_async_wait<0>();
-  __syncthreads();
+  if (__syncthreads_or(bad_page)) {  // only possible with fused checks
+    write_invalid();
+    return;
+  }
   float* red_o = reinterpret_cast<float*>(smem + Cfg::kQBytes);
   float* red_m = red_o + Cfg::WN * BM * Cfg::kRedStride;
   float* red_l = red_m + Cfg::WN * BM;
@@ -579,6 +588,12 @@ struct TileRunner {
 //   kShapePrefill128: 128 rows, 4 warps x 2 MMA row tiles (head_dim <= 128; 256 uses 64 rows).
 enum TileShape : int { kShapeDecode = 0, kShapePrefill64 = 1, kShapePrefill128 = 2 };
 
+// K/V pipeline depth of the decode shape: 16-bit pages 3 stages (two tiles in flight while one
+// is used; measured better than 2 stages with more CTAs per SM); fp8 pages keep 2 (their
+// widening step wants the occupancy more than the depth: 4 stages measured 20% slower).
+constexpr int kDecodeStages16 = 3;
+constexpr int kDecodeStages8 = 2;
+
 // Per-head_dim entry points (one .cu file each, so the instantiations compile in parallel).
 // `page_dtype` picks the compute dtype: bf16 pages -> bf16, f16 and fp8 pages -> f16.
 // With `L == nullptr` only fills `info` (also sets the kernel's shared-memory limit).
@@ -589,11 +604,11 @@ cudaError_t attn_tiles_d128(const AttnLaunch* L, int shape, DType page_dtype, Ti
 cudaError_t attn_tiles_d256(const AttnLaunch* L, int shape, DType page_dtype, TileInfo* info,
                             dim3 grid, cudaStream_t stream);
 
-template <int D, int WM, int WN, int BN, int MT>
+template <int D, int WM, int WN, int BN, int MT, int S16 = 2, int S8 = 2>
 struct ShapeCfgs {
-  using BF16 = TileRunner<TileCfg<D, WM, WN, BN, __nv_bfloat16, false, MT>>;
-  using F16 = TileRunner<TileCfg<D, WM, WN, BN, __half, false, MT>>;
-  using F8 = TileRunner<TileCfg<D, WM, WN, BN, __half, true, MT>>;
+  using BF16 = TileRunner<TileCfg<D, WM, WN, BN, __nv_bfloat16, false, MT, S16>>;
+  using F16 = TileRunner<TileCfg<D, WM, WN, BN, __half, false, MT, S16>>;
+  using F8 = TileRunner<TileCfg<D, WM, WN, BN, __half, true, MT, S8>>;
 };
 
 template <class Cfgs>
@@ -619,7 +634,8 @@ template <int D, int DecWN, int DecBN, int PreBN, int Big128BN>
 cudaError_t attn_tiles_dispatch(const AttnLaunch* L, int shape, DType page_dtype,
                                 TileInfo* info, dim3 grid, cudaStream_t stream) {
   if (shape == kShapeDecode)
-    return run_for_dtype<ShapeCfgs<D, 1, DecWN, DecBN, 1>>(L, page_dtype, info, grid, stream);
+    return run_for_dtype<ShapeCfgs<D, 1, DecWN, DecBN, 1, kDecodeStages16, kDecodeStages8>>(
+        L, page_dtype, info, grid, stream);
   if constexpr (Big128BN > 0) {
     if (shape == kShapePrefill128)
       return run_for_dtype<ShapeCfgs<D, 4, 1, Big128BN, 2>>(L, page_dtype, info, grid, stream);
