@@ -104,28 +104,24 @@ class Built:
     note: str = ""
 
 
-def build_ours(pt, x):
-    import jax_paged_attn as jpa
-    L = pt.length
-
+def _build_jpa_style(name, prefill_fn, pt, x):
+    """Ours and the XLA reference share the public signature."""
     def fn(q, k, v, bt, sl, cu):
-        return jpa.paged_prefill(q, k, v, bt, sl, cu, max_q_len=L, causal=True)
+        return prefill_fn(q, k, v, bt, sl, cu, max_q_len=pt.length, causal=True)
 
     c = x.cache
-    return [Built("ours", fn, (x.q, c.k, c.v, c.block_tables, c.seq_lens, x.cu_seqlens),
+    return [Built(name, fn, (x.q, c.k, c.v, c.block_tables, c.seq_lens, x.cu_seqlens),
                   lambda o: o)]
+
+
+def build_ours(pt, x):
+    import jax_paged_attn as jpa
+    return _build_jpa_style("ours", jpa.paged_prefill, pt, x)
 
 
 def build_xla(pt, x):
     from jax_paged_attn import reference
-    L = pt.length
-
-    def fn(q, k, v, bt, sl, cu):
-        return reference.paged_prefill(q, k, v, bt, sl, cu, max_q_len=L, causal=True)
-
-    c = x.cache
-    return [Built("xla", fn, (x.q, c.k, c.v, c.block_tables, c.seq_lens, x.cu_seqlens),
-                  lambda o: o)]
+    return _build_jpa_style("xla", reference.paged_prefill, pt, x)
 
 
 def build_cudnn_dense(pt, x):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _registry, primitives
-from .views import StridedView, as_view
+from .views import StridedView, as_view, page_geometry
 
 _Q_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 _PAGE_DTYPES = _Q_DTYPES + (jnp.dtype(jnp.float8_e4m3fn),)
@@ -78,7 +78,6 @@ class _Pages:
                                  f"got shape {shape}")
             if shape[1] != 2:
                 _fail("k_pages", f"combined pages need axis 1 of size 2 (K, V), got {shape}")
-            geom = shape[2:]
         else:
             _require_array(v_pages, "v_pages")
             if len(shape) != 4:
@@ -88,18 +87,14 @@ class _Pages:
             if v_pages.dtype != k_pages.dtype:
                 _fail("v_pages", f"dtype {v_pages.dtype} differs from k_pages {k_pages.dtype}",
                       TypeError)
-            geom = shape[1:]
         self.layout = _LAYOUTS[kv_layout]
-        self.num_pages = shape[0]
-        self.page_size, self.num_heads = (geom[0], geom[1]) if self.layout == 0 else (
-            geom[1], geom[0])
-        self.head_dim = geom[2]
+        _, self.page_size, self.num_heads, self.head_dim = page_geometry(
+            shape, kv_layout, self.combined)
         if self.page_size < 1 or self.num_heads < 1 or self.head_dim < 1:
             _fail("k_pages", f"page_size, num_kv_heads and head_dim must be >= 1, got {shape}")
         self.k = k_pages
         # Combined pages: an empty stand-in keeps the custom call's arity fixed.
         self.v = jnp.zeros((0,), k_pages.dtype) if self.combined else v_pages
-        self.dtype = jnp.dtype(k_pages.dtype)
 
 
 def _scales(k_scale, v_scale):

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _registry, _workspace, compat
-from .views import StridedView
+from .views import StridedView, page_geometry
 
 # ----------------------------------------------------------------------------- primitives
 
@@ -94,9 +94,9 @@ def _cuda_attention_lowering(name, is_decode):
         _check_cuda_supported(ctx, params)
         t, hq, d = params["q_shape"]
         bt = ctx.avals_in[3]
-        # Page geometry after the optional [P, 2] prefix: NHD (page, heads) / HND (heads, page).
-        geom = ctx.avals_in[1].shape[2 if params["kv_combined"] else 1:]
-        page_size, num_kv_heads = geom[:2] if params["kv_layout"] == 0 else geom[1::-1]
+        _, page_size, num_kv_heads, _ = page_geometry(
+            ctx.avals_in[1].shape, "NHD" if params["kv_layout"] == 0 else "HND",
+            params["kv_combined"])
         nbytes = _workspace.cuda_workspace_bytes(
             is_decode=is_decode, num_tokens=t, num_q_heads=hq, head_dim=d, batch=bt.shape[0],
             max_pages_per_req=bt.shape[1], page_size=page_size,

@@ -56,7 +56,6 @@ def _page_geometry(k_pages, v_pages, kv_layout):
             raise ValueError(
                 "with v_pages=None, k_pages must hold combined pages [P, 2, ...], got shape "
                 f"{tuple(k_pages.shape)}")
-        shape = (k_pages.shape[0],) + tuple(k_pages.shape[2:])
     else:
         if k_pages.ndim != 4:
             raise ValueError(f"k_pages must be rank 4, got shape {tuple(k_pages.shape)}")
@@ -66,12 +65,7 @@ def _page_geometry(k_pages, v_pages, kv_layout):
                 f"{tuple(k_pages.shape)}")
         if v_pages.dtype != k_pages.dtype:
             raise TypeError(f"v_pages dtype {v_pages.dtype} != k_pages dtype {k_pages.dtype}")
-        shape = tuple(k_pages.shape)
-    if kv_layout == "NHD":
-        num_pages, page_size, num_kv_heads, head_dim = shape
-    else:
-        num_pages, num_kv_heads, page_size, head_dim = shape
-    return int(num_pages), int(page_size), int(num_kv_heads), int(head_dim)
+    return views.page_geometry(k_pages.shape, kv_layout, v_pages is None)
 
 
 def _gather_pages(k_pages, v_pages, page_ids, kv_layout):

@@ -107,6 +107,15 @@ def materialize(x) -> jax.Array:
     return jnp.asarray(x)
 
 
+def page_geometry(shape, kv_layout: str, combined: bool) -> tuple[int, int, int, int]:
+    """(num_pages, page_size, num_kv_heads, head_dim) of a page array of `shape`: "NHD" is
+    [P, page, Hkv, D], "HND" [P, Hkv, page, D], after the [P, 2] prefix of combined pages.
+    Shapes only; callers check ranks first."""
+    geom = tuple(shape[2:]) if combined else tuple(shape[1:])
+    page_size, num_heads = (geom[0], geom[1]) if kv_layout == "NHD" else (geom[1], geom[0])
+    return int(shape[0]), int(page_size), int(num_heads), int(geom[2])
+
+
 def split_qkv(qkv, num_q_heads: int, num_kv_heads: int, head_dim: int | None = None):
     """Views `(q, k, v)` of a packed projection, q heads first, then k, then v.
 
