@@ -377,6 +377,8 @@ def main(argv=None):
     p.add_argument("--no-ref-check", action="store_true",
                    help="skip the float32 reference used to check ours")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", default=None,
+                   help="comma list of point names to keep, e.g. 'fp8 128x2048,grid 128x2048'")
     args = p.parse_args(argv)
     impls = C.parse_impls(args.impls, IMPLS)
     outdir = C.out_dir(args.out)
@@ -397,6 +399,11 @@ def main(argv=None):
         points = smoke_points(args.extra)
     else:
         points = grid_points(args.quick) + (extra_points() if args.extra else [])
+    if args.only:
+        keep = {n.strip() for n in args.only.split(",")}
+        points = [pt for pt in points if pt.name in keep]
+        if not points:
+            raise SystemExit(f"--only: no point named {sorted(keep)}")
     meta = {"device": info, "timer": f"CUPTI {timer.cupti_status}", "reps": reps,
             "ceiling": ceiling, "impls": impls, "argv": sys.argv[1:],
             "l2_bytes": info["l2_bytes_assumed"]}

@@ -7,10 +7,11 @@
 // every key tile (decode uses WM = 1, WN > 1: the warps split the keys; prefill WM = 4, WN = 1).
 //
 // Per key tile (BN keys): cp.async 16-byte copies gather the keys' rows from their pages
-// (kStages stages: kStages - 1 tiles in flight while one is used; 3 for 16-bit decode, else
-// 2); fp8 pages are then widened to
-// fp16 in shared memory; S = Q K^T by MMA, scale / soft cap / mask in fp32, online softmax
-// (log2 domain), O += P V by MMA with P rounded to the compute dtype. Key tiles wholly outside
+// (kStages stages: kStages - 1 tiles in flight while one is used); S = Q K^T by MMA, scale /
+// soft cap / mask in fp32, online softmax (log2 domain), O += P V by MMA with P rounded to the
+// compute dtype. fp8 pages stay fp8 in shared memory: ldmatrix reads byte pairs and the
+// fragments are widened to fp16 in registers (see "fp8 fragments" below), so fp8 tiles cost
+// half the shared memory and no extra pass or barrier. Key tiles wholly outside
 // the causal/window range of the block are never visited; tiles wholly inside skip masking.
 //
 // The key range [kb, ke) a CTA visits lies inside [first_needed_key, kv_len) of its request.
@@ -65,18 +66,27 @@ struct TileCfg {
   static constexpr int kQBytes = BM * kTileRow;
   static constexpr int kRawTile = BN * kRawRow;  // K (or V) of one stage
   static constexpr int kStageBytes = 2 * kRawTile;
-  static constexpr int kConvBytes = kFp8 ? 2 * BN * kTileRow : 0;
   static constexpr int kRedStride = D + 8;  // floats per row of the epilogue buffer
   static constexpr int kRedBytes = WN * BM * kRedStride * 4 + 2 * WN * BM * 4;
-  static constexpr int kMainBytes = kStages * kStageBytes + kConvBytes;
+  static constexpr int kMainBytes = kStages * kStageBytes;
   static constexpr int kSmemBytes = kQBytes + (kMainBytes > kRedBytes ? kMainBytes : kRedBytes);
 };
 
-// Byte offset of 16-byte chunk `chunk` of row `row` in a [rows][D] compute-dtype tile whose
-// chunks are XOR-swizzled by row so that ldmatrix reads of 8 rows hit 8 distinct bank groups.
+// Byte offset of 16-byte chunk `chunk` of row `row` in a tile of RowBytes-byte rows whose
+// chunks are XOR-swizzled by row so that ldmatrix reads of 8 consecutive rows at one chunk
+// hit 8 distinct bank groups (rows of 4 chunks: two rows share a 128-byte line, so the XOR
+// key changes every other row).
+template <int RowBytes>
+__device__ __forceinline__ uint32_t swz_row(int row, int chunk) {
+  static_assert(RowBytes == 64 || RowBytes % 128 == 0, "row of 4 or a multiple of 8 chunks");
+  const int key = RowBytes == 64 ? (row >> 1) & 3 : row & 7;
+  return uint32_t(row * RowBytes + ((chunk ^ key) << 4));
+}
+
+// The same for a [rows][D] tile of 16-bit elements (Q, and K/V of 16-bit pages).
 template <int D>
 __device__ __forceinline__ uint32_t swz(int row, int chunk) {
-  return uint32_t(row * (D * 2) + ((chunk ^ (row & 7)) << 4));
+  return swz_row<D * 2>(row, chunk);
 }
 
 // Two fp8 e4m3 values (low byte first) -> packed f16x2, exact for every finite value.
@@ -97,11 +107,176 @@ __device__ __forceinline__ uint32_t fp8x2_to_f16x2(uint32_t two) {
 #endif
 }
 
+// ---- fp8 fragments ----
+// ldmatrix (b16) over an fp8 tile whose rows are keys hands thread (g = lane / 4, t = lane % 4)
+// bytes 4t..4t+3 of key g's 16-byte chunk, i.e. 4 consecutive head_dim values. For S = Q K^T
+// they become the m16n8k16 B fragment with the head_dim order permuted inside each 16-wide
+// step: k slots 2t, 2t+1 <- d 4t, 4t+1 and slots 2t+8, 2t+9 <- d 4t+2, 4t+3. Q's A fragment
+// is loaded with the same permutation (fp8_q_frag), so every dot product is unchanged.
+__device__ __forceinline__ void fp8_k_frag(uint32_t x, uint32_t& b0, uint32_t& b1) {
+  b0 = fp8x2_to_f16x2(x);
+  b1 = fp8x2_to_f16x2(x >> 16);
+}
+
+// ldmatrix.trans (b16) over the same tile hands thread (g, t) the byte pairs (d 2g, 2g + 1) of
+// keys 2t and 2t + 1: bytes [k2t d2g, k2t d2g+1, k2t+1 d2g, k2t+1 d2g+1]. Regrouped by d they
+// are B fragments of O += P V (k = keys 2t, 2t + 1) for two output columns: d 2g (`even`) and
+// d 2g + 1 (`odd`). Even and odd columns of each 16-wide chunk thus land in separate n8 tiles;
+// the epilogue puts them back in order (thread t then holds d 4t..4t+3 of the chunk).
+__device__ __forceinline__ void fp8_v_frag(uint32_t x, uint32_t& even, uint32_t& odd) {
+  even = fp8x2_to_f16x2(__byte_perm(x, 0u, 0x0020));
+  odd = fp8x2_to_f16x2(__byte_perm(x, 0u, 0x0031));
+}
+
+// Q's A fragment (rows r, r + 8) for 16-wide head_dim step c in the permuted order above:
+// thread t needs d 16c + 4t .. +3 of each row, 8 contiguous bytes of the swizzled Q tile.
+template <int D>
+__device__ __forceinline__ void fp8_q_frag(uint32_t (&a)[4], const unsigned char* q_tile, int r,
+                                           int c, int t) {
+  const int chunk = 2 * c + (t >> 1), within = (t & 1) * 8;
+  const uint2 lo = *reinterpret_cast<const uint2*>(q_tile + swz<D>(r, chunk) + within);
+  const uint2 hi = *reinterpret_cast<const uint2*>(q_tile + swz<D>(r + 8, chunk) + within);
+  a[0] = lo.x;
+  a[1] = hi.x;
+  a[2] = lo.y;
+  a[3] = hi.y;
+}
+
 // 2^x with flush-to-zero (one MUFU op); arguments are <= 0 here, -inf gives +0.
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
+}
+
+// ---- the two MMA steps of a key tile, for one warp ----
+// S[MT][KW/8] += Q rows [wrow0, wrow0 + 16 MT) x K^T of keys [key0, key0 + KW) of the tile.
+// Q sits at the start of shared memory (16-bit, swizzled); k_base is the stage's K tile.
+template <class Cfg>
+__device__ __forceinline__ void qk_16bit(float (&s)[Cfg::MT][Cfg::KW / 8][4], uint32_t q_base,
+                                         uint32_t k_base, int wrow0, int key0, int lane) {
+  constexpr int D = Cfg::D, MT = Cfg::MT;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+      ldmatrix_x4(a[mt], q_base + swz<D>(wrow0 + mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
+                                         2 * kk + (lane >> 4)));
+#pragma unroll
+    for (int nt2 = 0; nt2 < Cfg::KW / 16; ++nt2) {
+      uint32_t b[4];
+      ldmatrix_x4(b, k_base + swz<D>(key0 + nt2 * 16 + (lane & 7) + ((lane >> 4) & 1) * 8,
+                                     2 * kk + ((lane >> 3) & 1)));
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        mma_16816<typename Cfg::CT>(s[mt][2 * nt2], a[mt], b[0], b[1]);
+        mma_16816<typename Cfg::CT>(s[mt][2 * nt2 + 1], a[mt], b[2], b[3]);
+      }
+    }
+  }
+}
+
+template <class Cfg>
+__device__ __forceinline__ void qk_fp8(float (&s)[Cfg::MT][Cfg::KW / 8][4],
+                                       const unsigned char* q_tile, uint32_t k_base, int wrow0,
+                                       int key0, int lane) {
+  constexpr int D = Cfg::D, MT = Cfg::MT;
+  const int g = lane >> 2, t = lane & 3;
+  // One ldmatrix.x4: keys [0, 8) and [8, 16) of an n16 step at head_dim chunks c and c + 1.
+#pragma unroll
+  for (int c = 0; c < D / 16; c += 2) {
+    uint32_t a[2][MT][4];
+#pragma unroll
+    for (int cc = 0; cc < 2; ++cc)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) fp8_q_frag<D>(a[cc][mt], q_tile, wrow0 + mt * 16 + g, c + cc, t);
+#pragma unroll
+    for (int nt2 = 0; nt2 < Cfg::KW / 16; ++nt2) {
+      uint32_t r[4];
+      ldmatrix_x4(r, k_base + swz_row<D>(key0 + nt2 * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
+                                         c + (lane >> 4)));
+#pragma unroll
+      for (int cc = 0; cc < 2; ++cc)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          uint32_t b0, b1;
+          fp8_k_frag(r[2 * cc + half], b0, b1);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt)
+            mma_16816<typename Cfg::CT>(s[mt][2 * nt2 + half], a[cc][mt], b0, b1);
+        }
+    }
+  }
+}
+
+// P (the probabilities in s, rounded to the compute dtype) as A fragments of k16 step kk.
+template <class Cfg>
+__device__ __forceinline__ void p_frags(uint32_t (&a)[Cfg::MT][4],
+                                        const float (&s)[Cfg::MT][Cfg::KW / 8][4], int kk) {
+  using TT = TypeTraits<typename Cfg::CT>;
+#pragma unroll
+  for (int mt = 0; mt < Cfg::MT; ++mt) {
+    a[mt][0] = TT::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+    a[mt][1] = TT::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+    a[mt][2] = TT::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+    a[mt][3] = TT::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+  }
+}
+
+// O[MT][D/8] += P x V of keys [key0, key0 + KW) of the tile (v_base: the stage's V tile).
+template <class Cfg>
+__device__ __forceinline__ void pv_16bit(float (&o)[Cfg::MT][Cfg::D / 8][4],
+                                         const float (&s)[Cfg::MT][Cfg::KW / 8][4],
+                                         uint32_t v_base, int key0, int lane) {
+  constexpr int D = Cfg::D, MT = Cfg::MT;
+#pragma unroll
+  for (int kk = 0; kk < Cfg::KW / 16; ++kk) {
+    uint32_t a[MT][4];
+    p_frags<Cfg>(a, s, kk);
+#pragma unroll
+    for (int dt2 = 0; dt2 < D / 16; ++dt2) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, v_base + swz<D>(key0 + kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
+                                           2 * dt2 + (lane >> 4)));
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        mma_16816<typename Cfg::CT>(o[mt][2 * dt2], a[mt], b[0], b[1]);
+        mma_16816<typename Cfg::CT>(o[mt][2 * dt2 + 1], a[mt], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// fp8 V: n8 tiles 2c and 2c + 1 of o receive the even and odd head_dim columns of chunk c.
+template <class Cfg>
+__device__ __forceinline__ void pv_fp8(float (&o)[Cfg::MT][Cfg::D / 8][4],
+                                       const float (&s)[Cfg::MT][Cfg::KW / 8][4],
+                                       uint32_t v_base, int key0, int lane) {
+  constexpr int D = Cfg::D, MT = Cfg::MT;
+#pragma unroll
+  for (int kk = 0; kk < Cfg::KW / 16; ++kk) {
+    uint32_t a[MT][4];
+    p_frags<Cfg>(a, s, kk);
+    // One ldmatrix.x4.trans: keys [0, 8) and [8, 16) at head_dim chunks c and c + 1.
+#pragma unroll
+    for (int c = 0; c < D / 16; c += 2) {
+      uint32_t r[4];
+      ldmatrix_x4_trans(r, v_base + swz_row<D>(key0 + kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
+                                               c + (lane >> 4)));
+#pragma unroll
+      for (int cc = 0; cc < 2; ++cc) {
+        uint32_t e0, o0, e1, o1;
+        fp8_v_frag(r[2 * cc], e0, o0);
+        fp8_v_frag(r[2 * cc + 1], e1, o1);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma_16816<typename Cfg::CT>(o[mt][2 * (c + cc)], a[mt], e0, e1);
+          mma_16816<typename Cfg::CT>(o[mt][2 * (c + cc) + 1], a[mt], o0, o1);
+        }
+      }
+    }
+  }
 }
 
 template <class Cfg>
@@ -240,7 +415,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attn_tile_kernel(const __grid_c
         vs += off + ch * 16;
         bytes = 16;
       }
-      const uint32_t d = Cfg::kFp8 ? dst0 + key * Cfg::kRawRow + ch * 16 : dst0 + swz<D>(key, ch);
+      const uint32_t d = dst0 + swz_row<Cfg::kRawRow>(key, ch);
       cp_async_16(d, ks, bytes);
       cp_async_16(d + Cfg::kRawTile, vs, bytes);
     }
@@ -276,8 +451,6 @@ __global__ void __launch_bounds__(Cfg::kThreads) attn_tile_kernel(const __grid_c
     m_run[mt][0] = m_run[mt][1] = -INFINITY;
     l_run[mt][0] = l_run[mt][1] = 0.0f;
   }
-
-  const uint32_t conv_base = stage_base + Cfg::kStages * Cfg::kStageBytes;
 
   // The first kStages - 1 K/V tiles in flight before Q is staged (Q's loads overlap them).
 #pragma unroll
@@ -328,40 +501,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) attn_tile_kernel(const __grid_c
     cp_async_wait<Cfg::kStages - 1>();
     __syncthreads();
 
-    uint32_t k_base, v_base;
-    if constexpr (Cfg::kFp8) {
-      // Widen the raw fp8 stage into the fp16 tiles (swizzled like the 16-bit path).
-      const unsigned char* raw = smem + Cfg::kQBytes + stage * Cfg::kStageBytes;
-      unsigned char* conv = smem + (conv_base - smem_base);
-      static_assert((2 * BN * Cfg::kRawChunks) % NT == 0, "fp8 widening loop");
-#pragma unroll 2
-      for (int it = 0; it < 2 * BN * Cfg::kRawChunks / NT; ++it) {
-        const int idx = tid + it * NT;
-        const int kvsel = idx / (BN * Cfg::kRawChunks);
-        const int rem = idx % (BN * Cfg::kRawChunks);
-        const int key = rem / Cfg::kRawChunks, ch = rem % Cfg::kRawChunks;
-        const uint4 in = *reinterpret_cast<const uint4*>(raw + kvsel * Cfg::kRawTile +
-                                                         key * Cfg::kRawRow + ch * 16);
-        uint4 o0, o1;
-        o0.x = fp8x2_to_f16x2(in.x);
-        o0.y = fp8x2_to_f16x2(in.x >> 16);
-        o0.z = fp8x2_to_f16x2(in.y);
-        o0.w = fp8x2_to_f16x2(in.y >> 16);
-        o1.x = fp8x2_to_f16x2(in.z);
-        o1.y = fp8x2_to_f16x2(in.z >> 16);
-        o1.z = fp8x2_to_f16x2(in.w);
-        o1.w = fp8x2_to_f16x2(in.w >> 16);
-        unsigned char* dst = conv + kvsel * (BN * Cfg::kTileRow);
-        *reinterpret_cast<uint4*>(dst + swz<D>(key, 2 * ch)) = o0;
-        *reinterpret_cast<uint4*>(dst + swz<D>(key, 2 * ch + 1)) = o1;
-      }
-      __syncthreads();
-      k_base = conv_base;
-      v_base = conv_base + BN * Cfg::kTileRow;
-    } else {
-      k_base = stage_base + stage * Cfg::kStageBytes;
-      v_base = k_base + Cfg::kRawTile;
-    }
+    const uint32_t k_base = stage_base + stage * Cfg::kStageBytes;
+    const uint32_t v_base = k_base + Cfg::kRawTile;
 
     // ---- S = Q K^T for this warp's 16*MT rows x KW keys ----
     float s_acc[MT][KW / 8][4];
@@ -370,26 +511,10 @@ __global__ void __launch_bounds__(Cfg::kThreads) attn_tile_kernel(const __grid_c
 #pragma unroll
       for (int i = 0; i < KW / 8; ++i)
         s_acc[mt][i][0] = s_acc[mt][i][1] = s_acc[mt][i][2] = s_acc[mt][i][3] = 0.0f;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t a[MT][4];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-        ldmatrix_x4(a[mt], smem_base + swz<D>(wrow0 + mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
-                                              2 * kk + (lane >> 4)));
-#pragma unroll
-      for (int nt2 = 0; nt2 < KW / 16; ++nt2) {
-        uint32_t bfr[4];
-        ldmatrix_x4(bfr, k_base + swz<D>(wn * KW + nt2 * 16 + (lane & 7) + ((lane >> 4) & 1) * 8,
-                                         2 * kk + ((lane >> 3) & 1)));
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          mma_16816<CT>(s_acc[mt][2 * nt2], a[mt], bfr[0], bfr[1]);
-          mma_16816<CT>(s_acc[mt][2 * nt2 + 1], a[mt], bfr[2], bfr[3]);
-        }
-      }
-    }
-
+    if constexpr (Cfg::kFp8)
+      qk_fp8<Cfg>(s_acc, smem, k_base, wrow0, wn * KW, lane);
+    else
+      qk_16bit<Cfg>(s_acc, smem_base, k_base, wrow0, wn * KW, lane);
     // ---- logits (log2 domain), mask, online softmax ----
     const bool full = (j0 + BN <= ke) && (!causal || j0 + BN - 1 <= pos_first) &&
                       (window < 0 || int64_t(pos_last) - j0 <= window);
@@ -439,30 +564,11 @@ __global__ void __launch_bounds__(Cfg::kThreads) attn_tile_kernel(const __grid_c
     }
 
     // ---- O += P V ----
-#pragma unroll
-    for (int kk = 0; kk < KW / 16; ++kk) {
-      uint32_t a[MT][4];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        a[mt][0] = TypeTraits<CT>::pack(s_acc[mt][2 * kk][0], s_acc[mt][2 * kk][1]);
-        a[mt][1] = TypeTraits<CT>::pack(s_acc[mt][2 * kk][2], s_acc[mt][2 * kk][3]);
-        a[mt][2] = TypeTraits<CT>::pack(s_acc[mt][2 * kk + 1][0], s_acc[mt][2 * kk + 1][1]);
-        a[mt][3] = TypeTraits<CT>::pack(s_acc[mt][2 * kk + 1][2], s_acc[mt][2 * kk + 1][3]);
-      }
-#pragma unroll
-      for (int dt2 = 0; dt2 < D / 16; ++dt2) {
-        uint32_t bfr[4];
-        ldmatrix_x4_trans(bfr, v_base + swz<D>(wn * KW + kk * 16 + (lane & 7) +
-                                                    ((lane >> 3) & 1) * 8,
-                                                2 * dt2 + (lane >> 4)));
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          mma_16816<CT>(o_acc[mt][2 * dt2], a[mt], bfr[0], bfr[1]);
-          mma_16816<CT>(o_acc[mt][2 * dt2 + 1], a[mt], bfr[2], bfr[3]);
-        }
-      }
-    }
-    __syncthreads();  // this stage (and the fp8 tiles) may be overwritten next
+    if constexpr (Cfg::kFp8)
+      pv_fp8<Cfg>(o_acc, s_acc, v_base, wn * KW, lane);
+    else
+      pv_16bit<Cfg>(o_acc, s_acc, v_base, wn * KW, lane);
+    __syncthreads();  // this stage may be overwritten next
     stage = stage + 1 == Cfg::kStages ? 0 : stage + 1;
   }
 
@@ -487,11 +593,19 @@ __global__ void __launch_bounds__(Cfg::kThreads) attn_tile_kernel(const __grid_c
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int row = wrow0 + mt * 16 + g + 8 * h;
-      float* dst = red_o + (wn * BM + row) * Cfg::kRedStride + tig * 2;
+      float* dst = red_o + (wn * BM + row) * Cfg::kRedStride;
+      if constexpr (Cfg::kFp8) {  // n8 tiles 2c / 2c + 1 hold the even / odd d of chunk c
 #pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt)
-        *reinterpret_cast<float2*>(dst + dt * 8) =
-            make_float2(o_acc[mt][dt][2 * h], o_acc[mt][dt][2 * h + 1]);
+        for (int c = 0; c < D / 16; ++c)
+          *reinterpret_cast<float4*>(dst + c * 16 + tig * 4) =
+              make_float4(o_acc[mt][2 * c][2 * h], o_acc[mt][2 * c + 1][2 * h],
+                          o_acc[mt][2 * c][2 * h + 1], o_acc[mt][2 * c + 1][2 * h + 1]);
+      } else {
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt)
+          *reinterpret_cast<float2*>(dst + tig * 2 + dt * 8) =
+              make_float2(o_acc[mt][dt][2 * h], o_acc[mt][dt][2 * h + 1]);
+      }
       if (tig == 0) {
         red_m[wn * BM + row] = m_run[mt][h];
         red_l[wn * BM + row] = l_run[mt][h];
@@ -592,7 +706,7 @@ enum TileShape : int { kShapeDecode = 0, kShapePrefill64 = 1, kShapePrefill128 =
 // is used; measured better than 2 stages with more CTAs per SM); fp8 pages keep 2 (their
 // widening step wants the occupancy more than the depth: 4 stages measured 20% slower).
 constexpr int kDecodeStages16 = 3;
-constexpr int kDecodeStages8 = 2;
+constexpr int kDecodeStages8 = 4;
 
 // Per-head_dim entry points (one .cu file each, so the instantiations compile in parallel).
 // `page_dtype` picks the compute dtype: bf16 pages -> bf16, f16 and fp8 pages -> f16.
