@@ -37,6 +37,8 @@ constexpr int kMaxSplits = 64;
 constexpr int kMinKeysPerSplit = 256;
 constexpr int64_t kMaxTargetCtas = 2048;
 constexpr int64_t kWsAlign = 256;
+// Largest batch for AttnLaunch::longest_first (its per-CTA cost grows as batch^2).
+constexpr int64_t kMaxLongestFirstBatch = 128;
 
 __host__ __device__ inline int64_t align_up(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
 
@@ -68,6 +70,9 @@ struct AttnLaunch {
   // request gets NaN rows from the tiles (one split) or NaN split lse that the merge turns
   // into NaN rows. ReqMeta in the workspace is then neither written nor read.
   bool fused_checks = false;
+  // Fused-checks decode of a small batch: CTA row y serves the y-th longest request
+  // (request_of_length_rank in attn_tile.cuh), so mixed lengths leave a short tail.
+  bool longest_first = false;
 };
 
 }  // namespace cuda

@@ -114,6 +114,10 @@ cudaError_t LaunchAttention(const AttnParams& p, cudaStream_t stream) {
   // Decode with the 16-row shape needs no prepare kernel: the tiles check their request and
   // pages themselves (AttnLaunch::fused_checks). Prefill keeps it (padding rows, run max).
   L.fused_checks = p.is_decode() && shape == cuda::kShapeDecode;
+  L.longest_first = L.fused_checks && B > 1 && B <= cuda::kMaxLongestFirstBatch;
+  // Benchmarking knob: JPA_CUDA_LONGEST_FIRST=0 keeps batch order.
+  if (const char* e = std::getenv("JPA_CUDA_LONGEST_FIRST"))
+    if (std::strcmp(e, "0") == 0) L.longest_first = false;
   TileInfo ti;
   JPA_CUDA_TRY(cached_tile_info(dev, D, shape, pd, &ti));
   if (ti.smem_bytes > di.max_smem_optin || ti.ctas_per_sm < 1) return cudaErrorInvalidConfiguration;

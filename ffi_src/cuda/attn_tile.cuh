@@ -279,6 +279,40 @@ __device__ __forceinline__ void pv_fp8(float (&o)[Cfg::MT][Cfg::D / 8][4],
   }
 }
 
+// The request whose seq_len has rank `rank` in decreasing order (ties in batch order, so equal
+// lengths give rank -> rank). The block scheduler starts CTAs in blockIdx order; giving the
+// y-th CTAs the y-th longest request starts the heavy work first and keeps the tail short
+// when lengths differ (longest-processing-time-first). Costs each CTA one read of seq_lens
+// and, unless all lengths are equal, batch^2 / threads comparisons, hence
+// AttnLaunch::longest_first only for small batches. Uses the first 4 * (batch + 1) bytes of
+// shared memory as scratch; all threads must call it.
+template <int NT>
+__device__ int request_of_length_rank(const AttnParams& p, int rank, unsigned char* smem) {
+  const int B = int(p.batch);
+  int* s_len = reinterpret_cast<int*>(smem);
+  int* s_pick = s_len + B;
+  const int first = p.seq_lens[0];
+  bool same = true;
+  for (int i = threadIdx.x; i < B; i += NT) {
+    s_len[i] = p.seq_lens[i];
+    same &= s_len[i] == first;
+  }
+  if (__syncthreads_and(same)) return rank;  // uniform batch: batch order is already LPT
+  for (int i = threadIdx.x; i < B; i += NT) {
+    const int li = s_len[i];
+    int r = 0;
+    for (int j = 0; j < B; ++j) {
+      const int lj = s_len[j];
+      r += (lj > li) | ((lj == li) & (j < i));
+    }
+    if (r == rank) *s_pick = i;
+  }
+  __syncthreads();
+  const int b = *s_pick;
+  __syncthreads();  // the scratch is the K/V pipeline's memory
+  return b;
+}
+
 template <class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads) attn_tile_kernel(const __grid_constant__ AttnLaunch L) {
   using CT = typename Cfg::CT;
@@ -291,7 +325,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) attn_tile_kernel(const __grid_c
   const int S = L.num_splits;
   const int split = blockIdx.x % S;
   const int kvh = blockIdx.x / S;
-  const int b = blockIdx.y;
+  const int b = L.longest_first ? request_of_length_rank<Cfg::kThreads>(L.p, blockIdx.y, smem)
+                                : int(blockIdx.y);
   const int rb = L.row_blocks - 1 - int(blockIdx.z);  // heaviest (latest) row blocks first
 
   const int G = L.group;
@@ -536,20 +571,26 @@ __global__ void __launch_bounds__(Cfg::kThreads) attn_tile_kernel(const __grid_c
           mx[e >> 1] = fmaxf(mx[e >> 1], x);
         }
       }
-      float m_use[2];
+      float m_use[2], alpha[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
         const float m_new = fmaxf(m_run[mt][h], mx[h]);
         m_use[h] = m_new == -INFINITY ? 0.0f : m_new;
-        const float alpha = fast_exp2(m_run[mt][h] - m_use[h]);
+        alpha[h] = fast_exp2(m_run[mt][h] - m_use[h]);
         m_run[mt][h] = m_new;
-        l_run[mt][h] *= alpha;
+        l_run[mt][h] *= alpha[h];
+      }
+      // Once the running maxima settle (most tiles of a long row) no row of the warp moves:
+      // skip the D / 2 multiplies of the accumulator rescale.
+      if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
 #pragma unroll
         for (int dt = 0; dt < D / 8; ++dt) {
-          o_acc[mt][dt][2 * h] *= alpha;
-          o_acc[mt][dt][2 * h + 1] *= alpha;
+          o_acc[mt][dt][0] *= alpha[0];
+          o_acc[mt][dt][1] *= alpha[0];
+          o_acc[mt][dt][2] *= alpha[1];
+          o_acc[mt][dt][3] *= alpha[1];
         }
       }
 #pragma unroll
@@ -706,7 +747,7 @@ enum TileShape : int { kShapeDecode = 0, kShapePrefill64 = 1, kShapePrefill128 =
 // is used; measured better than 2 stages with more CTAs per SM); fp8 pages keep 2 (their
 // widening step wants the occupancy more than the depth: 4 stages measured 20% slower).
 constexpr int kDecodeStages16 = 3;
-constexpr int kDecodeStages8 = 4;
+constexpr int kDecodeStages8 = 3;
 
 // Per-head_dim entry points (one .cu file each, so the instantiations compile in parallel).
 // `page_dtype` picks the compute dtype: bf16 pages -> bf16, f16 and fp8 pages -> f16.
@@ -718,11 +759,12 @@ cudaError_t attn_tiles_d128(const AttnLaunch* L, int shape, DType page_dtype, Ti
 cudaError_t attn_tiles_d256(const AttnLaunch* L, int shape, DType page_dtype, TileInfo* info,
                             dim3 grid, cudaStream_t stream);
 
-template <int D, int WM, int WN, int BN, int MT, int S16 = 2, int S8 = 2>
+// BN8: key tile of fp8 pages (their rows are half as long, so a tile may hold more keys).
+template <int D, int WM, int WN, int BN, int MT, int S16 = 2, int S8 = 2, int BN8 = BN>
 struct ShapeCfgs {
   using BF16 = TileRunner<TileCfg<D, WM, WN, BN, __nv_bfloat16, false, MT, S16>>;
   using F16 = TileRunner<TileCfg<D, WM, WN, BN, __half, false, MT, S16>>;
-  using F8 = TileRunner<TileCfg<D, WM, WN, BN, __half, true, MT, S8>>;
+  using F8 = TileRunner<TileCfg<D, WM, WN, BN8, __half, true, MT, S8>>;
 };
 
 template <class Cfgs>
@@ -743,12 +785,13 @@ cudaError_t run_for_dtype(const AttnLaunch* L, DType page_dtype, TileInfo* info,
 
 // Dispatch over (shape, page dtype) for one head_dim; used by the attn_d*.cu files.
 // Big128BN: key tile of the 128-row shape, 0 when that shape does not exist for this head_dim
-// (it then maps to the 64-row shape).
-template <int D, int DecWN, int DecBN, int PreBN, int Big128BN>
+// (it then maps to the 64-row shape). DecBN8: decode key tile of fp8 pages.
+template <int D, int DecWN, int DecBN, int PreBN, int Big128BN, int DecBN8 = DecBN>
 cudaError_t attn_tiles_dispatch(const AttnLaunch* L, int shape, DType page_dtype,
                                 TileInfo* info, dim3 grid, cudaStream_t stream) {
   if (shape == kShapeDecode)
-    return run_for_dtype<ShapeCfgs<D, 1, DecWN, DecBN, 1, kDecodeStages16, kDecodeStages8>>(
+    return run_for_dtype<
+        ShapeCfgs<D, 1, DecWN, DecBN, 1, kDecodeStages16, kDecodeStages8, DecBN8>>(
         L, page_dtype, info, grid, stream);
   if constexpr (Big128BN > 0) {
     if (shape == kShapePrefill128)
