@@ -349,6 +349,35 @@ class Timer:
             wall_us=(statistics.median(wall) * to_us) if wall else None, note=note)
 
 
+def time_carried(fn, state, rest, *, reps: int, ops_per_call: int = 1,
+                 target_s: float = 2e-3, max_inner: int = 16):
+    """Wall-clock time of `state, out = fn(state, *rest)` for a jitted `fn` that donates its
+    `state` (an in-place cache update): every call consumes the previous call's state, so
+    no argument is ever passed twice (profiler.measure re-passes its arguments, which
+    donation forbids). Returns (TimeResult, the final state)."""
+    state, out = fn(state, *rest)
+    jax.block_until_ready((state, out))
+    t0 = time.perf_counter()
+    state, out = fn(state, *rest)
+    jax.block_until_ready((state, out))
+    probe = time.perf_counter() - t0
+    inner = int(min(max_inner, max(1, math.ceil(target_s / max(probe, 1e-7)))))
+    samples = []
+    for _ in range(max(1, reps)):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            state, out = fn(state, *rest)
+        jax.block_until_ready((state, out))
+        samples.append((time.perf_counter() - t0) / inner * 1e3)
+    del out
+    to_us = 1e3 / max(1, ops_per_call)
+    med = statistics.median(samples) * to_us
+    return TimeResult(us=med, p10_us=_percentile(samples, 10) * to_us,
+                      p90_us=_percentile(samples, 90) * to_us, samples=len(samples),
+                      method="wall", ops_per_call=max(1, ops_per_call), wall_us=med,
+                      note="state carried (donated)"), state
+
+
 def multi_call(fn):
     """jit(lambda *sets: tuple(fn(*s) for s in sets)): one executable running the op once per
     input set, so a timed call walks several working sets (L2 rotation)."""

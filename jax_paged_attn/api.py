@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _registry, primitives
+from . import _registry, layers, primitives
 from .views import StridedView, as_view, page_geometry
 
 _Q_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
@@ -57,10 +57,18 @@ def _token_view(x, name, dtypes):
     return view
 
 
-class _Pages:
-    """Checked page operands: geometry plus what the primitives need."""
+_PAGE_DIMS = {"NHD": ["page_size", "Hkv", "D"], "HND": ["Hkv", "page_size", "D"]}
 
-    def __init__(self, k_pages, v_pages, kv_layout):
+
+class _Pages:
+    """Checked page operands: geometry plus what the primitives need.
+
+    With `layer`, the operands are a stack `[num_layers, <pages>]` that the kernels see as one
+    flat pool of num_layers * P pages (layers.py); `block_tables`, `seq_lens` and `slots`
+    rewrite the metadata into that pool and `unstack` restores the stacked shape.
+    """
+
+    def __init__(self, k_pages, v_pages, kv_layout, layer=None):
         if kv_layout not in _LAYOUTS:
             _fail("kv_layout", f"expected 'NHD' or 'HND', got {kv_layout!r}")
         _require_array(k_pages, "k_pages")
@@ -71,30 +79,59 @@ class _Pages:
             _fail("k_pages", f"dtype {k_pages.dtype} not supported (expected bfloat16, "
                              "float16, float32 or float8_e4m3fn)", TypeError)
         self.combined = v_pages is None
+        stacked = layer is not None
         shape = tuple(k_pages.shape)
-        if self.combined:
-            if len(shape) != 5:
-                _fail("k_pages", "combined pages (v_pages=None) must be rank 5 [P, 2, ...], "
-                                 f"got shape {shape}")
-            if shape[1] != 2:
-                _fail("k_pages", f"combined pages need axis 1 of size 2 (K, V), got {shape}")
-        else:
+        dims = ((["num_layers"] if stacked else []) + ["P"] + (["2"] if self.combined else [])
+                + _PAGE_DIMS[kv_layout])
+        rank = len(dims)
+        if len(shape) != rank:
+            hint = ""
+            if not stacked and len(shape) == rank + 1:
+                hint = " (a stacked [num_layers, ...] cache needs layer=)"
+            what = "combined pages (v_pages=None)" if self.combined else "pages"
+            _fail("k_pages", f"{what} must be rank {rank} [{', '.join(dims)}] ({kv_layout}"
+                             f"{', layer given' if stacked else ''}), got shape {shape}{hint}")
+        lead = 1 if stacked else 0
+        if self.combined and shape[lead + 1] != 2:
+            _fail("k_pages", f"combined pages need axis {lead + 1} of size 2 (K, V), got "
+                             f"{shape}")
+        if not self.combined:
             _require_array(v_pages, "v_pages")
-            if len(shape) != 4:
-                _fail("k_pages", f"expected rank 4 pages ({kv_layout}), got shape {shape}")
             if tuple(v_pages.shape) != shape:
                 _fail("v_pages", f"shape {tuple(v_pages.shape)} differs from k_pages {shape}")
             if v_pages.dtype != k_pages.dtype:
                 _fail("v_pages", f"dtype {v_pages.dtype} differs from k_pages {k_pages.dtype}",
                       TypeError)
         self.layout = _LAYOUTS[kv_layout]
-        _, self.page_size, self.num_heads, self.head_dim = page_geometry(
-            shape, kv_layout, self.combined)
+        num_pages, self.page_size, self.num_heads, self.head_dim = page_geometry(
+            shape[lead:], kv_layout, self.combined)
         if self.page_size < 1 or self.num_heads < 1 or self.head_dim < 1:
             _fail("k_pages", f"page_size, num_kv_heads and head_dim must be >= 1, got {shape}")
+        self.shape = shape
+        self.stack = None
+        if stacked:
+            self.stack = layers.LayerStack(layer, shape[0], num_pages, self.page_size)
+            # Layer axis merged into the page axis: a bitcast for the default layout, so the
+            # custom call reads (and append writes, aliased) the stack itself.
+            flat = (shape[0] * shape[1],) + shape[2:]
+            k_pages = jnp.reshape(k_pages, flat)
+            v_pages = None if self.combined else jnp.reshape(v_pages, flat)
         self.k = k_pages
         # Combined pages: an empty stand-in keeps the custom call's arity fixed.
         self.v = jnp.zeros((0,), k_pages.dtype) if self.combined else v_pages
+
+    def block_tables(self, block_tables):
+        return block_tables if self.stack is None else self.stack.block_tables(block_tables)
+
+    def seq_lens(self, seq_lens):
+        return seq_lens if self.stack is None else self.stack.seq_lens(seq_lens)
+
+    def slots(self, slot_mapping):
+        return slot_mapping if self.stack is None else self.stack.slot_mapping(slot_mapping)
+
+    def unstack(self, pages):
+        """An updated pool in the caller's (possibly stacked) shape."""
+        return pages if self.stack is None else jnp.reshape(pages, self.shape)
 
 
 def _scales(k_scale, v_scale):
@@ -163,7 +200,8 @@ def _common_attention(q, pages, block_tables, seq_lens, scale, k_scale, v_scale,
                   kv_layout=pages.layout, kv_combined=bool(pages.combined),
                   sm_scale=float(scale), softcap=softcap, window_left=window_left,
                   out_dtype=np.dtype(out_dtype))
-    return qv, sinks_arr, params
+    meta = (pages.block_tables(block_tables), pages.seq_lens(seq_lens))
+    return qv, sinks_arr, params, meta
 
 
 def _finish(out, lse, return_lse):
@@ -181,25 +219,30 @@ def _check_bool(x, name):
 
 def paged_decode(q, k_pages, v_pages, block_tables, seq_lens, *, kv_layout="NHD", scale=None,
                  k_scale=None, v_scale=None, window_left=-1, logits_soft_cap=None, sinks=None,
-                 q_len_per_req=1, return_lse=False, out_dtype=None):
+                 q_len_per_req=1, return_lse=False, out_dtype=None, layer=None):
     """Decode attention over a paged KV cache (see DESIGN.md §3 and docs/semantics.md).
 
     Request b owns query rows [b*n, (b+1)*n), n = q_len_per_req, bottom-right aligned to its
     seq_lens[b] keys, causal. Returns out [T, Hq, D] (and lse [T, Hq] with return_lse).
+
+    `layer`: with a stacked cache `[num_layers, <pages>]`, the layer to attend to (a Python
+    int, or an integer scalar array that may be traced, e.g. a scan's layer counter); the
+    block tables index that layer's pages. Nothing is copied out of the stack; a runtime layer
+    outside [0, num_layers) gives NaN in every request's rows (docs/semantics.md).
     """
     _registry.register()
     return_lse = _check_bool(return_lse, "return_lse")
-    pages = _Pages(k_pages, v_pages, kv_layout)
-    qv, sinks_arr, params = _common_attention(q, pages, block_tables, seq_lens, scale, k_scale,
-                                              v_scale, window_left, logits_soft_cap, sinks,
-                                              out_dtype)
+    pages = _Pages(k_pages, v_pages, kv_layout, layer)
+    qv, sinks_arr, params, (bt, sl) = _common_attention(
+        q, pages, block_tables, seq_lens, scale, k_scale, v_scale, window_left,
+        logits_soft_cap, sinks, out_dtype)
     n = _static_int(q_len_per_req, "q_len_per_req", 1)
     b = block_tables.shape[0]
     if qv.shape[0] != b * n:
         _fail("q_len_per_req", f"q has {qv.shape[0]} tokens but batch {b} x q_len_per_req {n}"
                                f" = {b * n}")
     out, lse = primitives.decode_p.bind(
-        qv.base, pages.k, pages.v, block_tables, seq_lens, _scales(k_scale, v_scale),
+        qv.base, pages.k, pages.v, bt, sl, _scales(k_scale, v_scale),
         sinks_arr, q_len_per_req=n, causal=True, max_q_len=n, **params)
     return _finish(out, lse, return_lse)
 
@@ -207,37 +250,44 @@ def paged_decode(q, k_pages, v_pages, block_tables, seq_lens, *, kv_layout="NHD"
 def paged_prefill(q, k_pages, v_pages, block_tables, seq_lens, cu_seqlens_q, *, max_q_len,
                   causal=True, kv_layout="NHD", scale=None, k_scale=None, v_scale=None,
                   window_left=-1, logits_soft_cap=None, sinks=None, return_lse=False,
-                  out_dtype=None):
+                  out_dtype=None, layer=None):
     """Prefill (ragged, chunked) attention over a paged KV cache.
 
     Request b owns query rows [cu_seqlens_q[b], cu_seqlens_q[b+1]), bottom-right aligned to
     its seq_lens[b] keys; `max_q_len` is a static bound on any request's query length.
+    `layer`: as in `paged_decode` (a stacked cache and the layer to attend to).
     """
     _registry.register()
     return_lse = _check_bool(return_lse, "return_lse")
     causal = _check_bool(causal, "causal")
-    pages = _Pages(k_pages, v_pages, kv_layout)
-    qv, sinks_arr, params = _common_attention(q, pages, block_tables, seq_lens, scale, k_scale,
-                                              v_scale, window_left, logits_soft_cap, sinks,
-                                              out_dtype)
+    pages = _Pages(k_pages, v_pages, kv_layout, layer)
+    qv, sinks_arr, params, (bt, sl) = _common_attention(
+        q, pages, block_tables, seq_lens, scale, k_scale, v_scale, window_left,
+        logits_soft_cap, sinks, out_dtype)
     _require_int_array(cu_seqlens_q, "cu_seqlens_q", 1)
     if cu_seqlens_q.shape[0] != block_tables.shape[0] + 1:
         _fail("cu_seqlens_q", f"expected length batch+1 = {block_tables.shape[0] + 1}, got "
                               f"{cu_seqlens_q.shape[0]}")
     max_q_len = _static_int(max_q_len, "max_q_len", 1)
     out, lse = primitives.prefill_p.bind(
-        qv.base, pages.k, pages.v, block_tables, seq_lens, cu_seqlens_q,
+        qv.base, pages.k, pages.v, bt, sl, cu_seqlens_q,
         _scales(k_scale, v_scale), sinks_arr, q_len_per_req=1, causal=causal,
         max_q_len=max_q_len, **params)
     return _finish(out, lse, return_lse)
 
 
 def append_kv(k_pages, v_pages, k, v, slot_mapping, *, kv_layout="NHD", k_scale=None,
-              v_scale=None):
+              v_scale=None, layer=None):
     """Writes new tokens' K/V into their page slots; returns the updated (k_pages, v_pages)
-    ((kv_pages, None) for combined pages). In place when the caller donates the cache."""
+    ((kv_pages, None) for combined pages). In place when the caller donates the cache.
+
+    `layer`: with a stacked cache `[num_layers, <pages>]`, the layer to write (a Python int or
+    a possibly traced integer scalar); slots index that layer's pages, the other layers are
+    untouched and the result keeps the stacked shape. A runtime layer outside
+    [0, num_layers) skips every token.
+    """
     _registry.register()
-    pages = _Pages(k_pages, v_pages, kv_layout)
+    pages = _Pages(k_pages, v_pages, kv_layout, layer)
     kv = _token_view(k, "k", _Q_DTYPES)
     vv = _token_view(v, "v", _Q_DTYPES)
     if kv.shape != vv.shape:
@@ -252,7 +302,10 @@ def append_kv(k_pages, v_pages, k, v, slot_mapping, *, kv_layout="NHD", k_scale=
         _fail("slot_mapping", f"length {slot_mapping.shape[0]} differs from the {t} tokens "
                               "of k/v")
     k_out, v_out = primitives.append_p.bind(
-        pages.k, pages.v, kv.base, vv.base, slot_mapping, _scales(k_scale, v_scale),
-        k_offset=kv.offset, k_strides=kv.strides[:2], v_offset=vv.offset,
-        v_strides=vv.strides[:2], kv_layout=pages.layout, kv_combined=bool(pages.combined))
-    return (k_out, None) if pages.combined else (k_out, v_out)
+        pages.k, pages.v, kv.base, vv.base, pages.slots(slot_mapping),
+        _scales(k_scale, v_scale), k_offset=kv.offset, k_strides=kv.strides[:2],
+        v_offset=vv.offset, v_strides=vv.strides[:2], kv_layout=pages.layout,
+        kv_combined=bool(pages.combined), layouts_on_operands=pages.stack is not None)
+    if pages.combined:
+        return pages.unstack(k_out), None
+    return pages.unstack(k_out), pages.unstack(v_out)

@@ -35,6 +35,14 @@ def replace_avals_out(ctx, avals_out):
     return ctx.replace(avals_out=list(avals_out))
 
 
+def pin_row_major(ctx, value, aval):
+    """`value` behind XLA's "LayoutConstraint" custom call (what jax's with_layout_constraint
+    emits): layout assignment gives it a row-major layout, adding a copy only when the
+    producer's layout differs, and then removes the op."""
+    one = ctx.replace(avals_in=[aval], avals_out=[aval])
+    return ffi_lowering("LayoutConstraint", api_version=1)(one, value)[0]
+
+
 def gpu_available() -> bool:
     try:
         return len(jax.devices("gpu")) > 0

@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
+from . import layers
+
 # (rule name, message template); the template is formatted with b (request) and the values.
 _RULES = (
     ("negative_seq_len", "request {b}: seq_len {x} is negative"),
@@ -64,21 +66,53 @@ def _is_concrete(*xs):
         return False
 
 
+def _layer_rule(num_layers):
+    """The bad-layer message, left with {x} for the layer (checkify formats only arrays)."""
+    return "check_metadata: layer {x} outside [0, " + str(int(num_layers)) + ")"
+
+
+def _check_positive_ints(**values):
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"check_metadata: {name} must be a positive int, got {v!r}")
+
+
+def _layer_in_range(layer, num_layers):
+    """(layer as given, in range?): True without a stacked cache, a Python bool for a Python
+    int layer (raising at once when it is out of range), else a bool scalar array."""
+    if (layer is None) != (num_layers is None):
+        raise ValueError("check_metadata: layer and num_layers go together (a stacked "
+                         f"cache's layer index and its number of layers), got layer={layer!r}"
+                         f", num_layers={num_layers!r}")
+    if layer is None:
+        return None, True
+    _check_positive_ints(num_layers=num_layers)
+    index, ok = layers.layer_index(layer, int(num_layers))   # raises for a non-integer layer
+    if ok is False:
+        raise ValueError(_layer_rule(num_layers).format(x=index))
+    return layer, ok
+
+
 def check_metadata(block_tables, seq_lens, *, num_pages, page_size, cu_seqlens_q=None,
-                   q_len_per_req=1):
+                   q_len_per_req=1, layer=None, num_layers=None):
     """Raises `ValueError` naming the first request with invalid runtime metadata.
 
     Called on concrete arrays it checks eagerly; inside a function transformed by
     `jax.experimental.checkify.checkify` it adds checks whose error names the request.
     (Window-dependent page needs are not known here: every page below seq_len is checked.)
+
+    Stacked caches: pass the `layer` given to the ops and `num_layers` (the stack's leading
+    axis); `num_pages` is then the number of pages of ONE layer (the stack's second axis). A
+    layer outside [0, num_layers) is reported first, as "layer {x} outside [0, {N})".
     """
-    for name, v in (("num_pages", num_pages), ("page_size", page_size),
-                    ("q_len_per_req", q_len_per_req)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise ValueError(f"check_metadata: {name} must be a positive int, got {v!r}")
+    _check_positive_ints(num_pages=num_pages, page_size=page_size,
+                         q_len_per_req=q_len_per_req)
+    layer, layer_ok = _layer_in_range(layer, num_layers)
     rules = _rule_values(block_tables, seq_lens, int(num_pages), int(page_size), cu_seqlens_q,
                          int(q_len_per_req))
-    if _is_concrete(*(v[0] for v in rules.values())):
+    if _is_concrete(layer_ok, *(v[0] for v in rules.values())):
+        if not bool(np.asarray(layer_ok)):
+            raise ValueError(_layer_rule(num_layers).format(x=int(np.asarray(layer))))
         bad = {k: np.asarray(v[0]) for k, v in rules.items()}
         for b in range(len(np.asarray(seq_lens))):
             for name, template in _RULES:
@@ -86,9 +120,11 @@ def check_metadata(block_tables, seq_lens, *, num_pages, page_size, cu_seqlens_q
                     x, y = (int(np.asarray(a)[b]) for a in rules[name][1:])
                     raise ValueError("check_metadata: " + template.format(b=b, x=x, y=y))
         return
-    # Name the first bad request (as the eager path does) with its first failing rule: only
-    # one of the checks below can fire.
-    masks = jnp.stack([rules[name][0] for name, _ in _RULES])  # [rules, B]
+    # A bad layer is the error (every request is invalid then); otherwise name the first bad
+    # request (as the eager path does) with its first failing rule: only one check fires.
+    if not isinstance(layer_ok, bool):
+        checkify.check(layer_ok, _layer_rule(num_layers), x=jnp.asarray(layer))
+    masks = jnp.stack([rules[name][0] for name, _ in _RULES]) & layer_ok  # [rules, B]
     first_rule = jnp.argmax(masks, axis=0)                       # per request
     any_bad = jnp.any(masks, axis=0)
     first = jnp.argmax(any_bad)

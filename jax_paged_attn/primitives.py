@@ -118,8 +118,16 @@ def _append_lowering(platform):
                 raise TypeError(f"jax_paged_attn: page dtype {k_aval.dtype} is not supported "
                                 "on the GPU (use bfloat16, float16 or float8_e4m3fn)")
         # Results 0/1 alias operands 0/1: the cache is updated in place (under donation XLA
-        # needs no copy of it).
-        return compat.ffi_lowering("jpa_append_kv", operand_output_aliases={0: 0, 1: 1})(
+        # needs no copy of it). The kernel needs row-major operands. Declared on the call
+        # (operand_layouts), that makes XLA copy every aliased operand up front and rely on
+        # later passes to drop the copy, which they do for a plain cache; for a reshaped
+        # stack (layer=) the copy fuses with the bitcast and stays, a copy of the whole stack
+        # per call. There the layouts are pinned on the operands instead.
+        pin = params.get("layouts_on_operands", False)
+        if pin:
+            operands = [compat.pin_row_major(ctx, x, a) for x, a in zip(operands, ctx.avals_in)]
+        return compat.ffi_lowering("jpa_append_kv", operand_output_aliases={0: 0, 1: 1},
+                                   skip_ffi_layout_processing=pin)(
             ctx, *operands, **_append_attrs(**params))
     return rule
 

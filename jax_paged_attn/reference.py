@@ -19,7 +19,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from . import views
+from . import layers, views
 
 __all__ = ["paged_decode", "paged_prefill", "append_kv"]
 
@@ -212,10 +212,11 @@ def _plan(num_requests, max_rows, num_keys, hq, hkv, d, page_itemsize, budget):
 @functools.partial(jax.jit, static_argnames=(
     "max_rows", "causal", "kv_layout", "window_left", "q_len_per_req", "out_dtype",
     "budget"))
-def _attention(q, k_pages, v_pages, block_tables, seq_lens, cu_seqlens_q, scale, k_scale,
-               v_scale, soft_cap, sinks, *, max_rows, causal, kv_layout, window_left,
+def _attention(q, k_pages, v_pages, block_tables, seq_lens, cu_seqlens_q, layer_exists, scale,
+               k_scale, v_scale, soft_cap, sinks, *, max_rows, causal, kv_layout, window_left,
                q_len_per_req, out_dtype, budget):
-    """Shared body of decode (cu_seqlens_q is None) and prefill. Returns (out, lse)."""
+    """Shared body of decode (cu_seqlens_q is None) and prefill. Returns (out, lse).
+    `layer_exists` (bool scalar) False makes every request invalid (stacked caches)."""
     num_tokens, hq, d = q.shape
     num_pages, page_size, hkv, _ = _page_geometry(k_pages, v_pages, kv_layout)
     num_requests, max_pages = block_tables.shape
@@ -233,7 +234,7 @@ def _attention(q, k_pages, v_pages, block_tables, seq_lens, cu_seqlens_q, scale,
     else:
         row_begin, q_len, meta_ok = _prefill_rows(cu_seqlens_q, num_tokens, max_rows)
     valid = _request_valid(block_tables, seq_lens, q_len, meta_ok, page_size=page_size,
-                           num_pages=num_pages, window_left=window_left)
+                           num_pages=num_pages, window_left=window_left) & layer_exists
 
     rows, chunks, group = _plan(num_requests, max_rows, num_keys, hq, hkv, d,
                                 jnp.dtype(k_pages.dtype).itemsize, budget)
@@ -303,6 +304,31 @@ def _attention(q, k_pages, v_pages, block_tables, seq_lens, cu_seqlens_q, scale,
     return out.astype(out_dtype), lse
 
 
+def _select_layer(k_pages, v_pages, layer):
+    """(k, v, exists, index): layer `layer` of a stacked cache [N, <pages>] (semantics.md,
+    "Stacked caches"), whether that layer exists, and the (clipped) index it was read at.
+    Without `layer`: the cache itself. A Python int outside [0, N) raises; a runtime one
+    reads a clipped layer whose use the caller voids through `exists`."""
+    if layer is None:
+        return k_pages, v_pages, jnp.asarray(True), None
+    n = k_pages.shape[0]
+    index, exists = layers.layer_index(layer, n)
+    if isinstance(index, int) and not exists:
+        raise ValueError(f"layer: {index} outside [0, {n})")
+    if n == 0:   # nothing to read: an empty stand-in layer that no request may use
+        return (jnp.zeros(k_pages.shape[1:], k_pages.dtype),
+                None if v_pages is None else jnp.zeros(v_pages.shape[1:], v_pages.dtype),
+                jnp.asarray(False), None)
+    index = jnp.clip(jnp.asarray(index, jnp.int32), 0, n - 1)
+
+    def take(pages):
+        if pages is None:
+            return None
+        return jax.lax.dynamic_index_in_dim(pages, index, 0, keepdims=False)
+
+    return take(k_pages), take(v_pages), jnp.asarray(exists), index
+
+
 def _common_args(q, k_pages, v_pages, kv_layout, scale, k_scale, v_scale, logits_soft_cap,
                  sinks, window_left, out_dtype):
     q = views.materialize(q)
@@ -342,8 +368,10 @@ def _common_args(q, k_pages, v_pages, kv_layout, scale, k_scale, v_scale, logits
 
 def paged_decode(q, k_pages, v_pages, block_tables, seq_lens, *, kv_layout="NHD", scale=None,
                  k_scale=None, v_scale=None, window_left=-1, logits_soft_cap=None, sinks=None,
-                 q_len_per_req=1, return_lse=False, out_dtype=None):
-    """Decode: request b owns query rows [b*n, (b+1)*n), n = q_len_per_req; always causal."""
+                 q_len_per_req=1, return_lse=False, out_dtype=None, layer=None):
+    """Decode: request b owns query rows [b*n, (b+1)*n), n = q_len_per_req; always causal.
+    With `layer`, k_pages/v_pages are a stack [num_layers, <pages>] and layer `layer` is read."""
+    k_pages, v_pages, exists, _ = _select_layer(k_pages, v_pages, layer)
     q, k_pages, v_pages, kwargs, static = _common_args(
         q, k_pages, v_pages, kv_layout, scale, k_scale, v_scale, logits_soft_cap, sinks,
         window_left, out_dtype)
@@ -358,7 +386,7 @@ def paged_decode(q, k_pages, v_pages, block_tables, seq_lens, *, kv_layout="NHD"
     if q.shape[0] != block_tables.shape[0] * n:
         raise ValueError(
             f"q has {q.shape[0]} tokens but B * q_len_per_req = {block_tables.shape[0]} * {n}")
-    out, lse = _attention(q, k_pages, v_pages, block_tables, seq_lens, None, **kwargs,
+    out, lse = _attention(q, k_pages, v_pages, block_tables, seq_lens, None, exists, **kwargs,
                           max_rows=n, causal=True, q_len_per_req=n, **static)
     return (out, lse) if return_lse else out
 
@@ -366,8 +394,10 @@ def paged_decode(q, k_pages, v_pages, block_tables, seq_lens, *, kv_layout="NHD"
 def paged_prefill(q, k_pages, v_pages, block_tables, seq_lens, cu_seqlens_q, *, max_q_len,
                   causal=True, kv_layout="NHD", scale=None, k_scale=None, v_scale=None,
                   window_left=-1, logits_soft_cap=None, sinks=None, return_lse=False,
-                  out_dtype=None):
-    """Prefill / chunked prefill: request b owns rows [e[b], e[b+1]) of the ragged batch."""
+                  out_dtype=None, layer=None):
+    """Prefill / chunked prefill: request b owns rows [e[b], e[b+1]) of the ragged batch.
+    `layer`: as in `paged_decode`."""
+    k_pages, v_pages, exists, _ = _select_layer(k_pages, v_pages, layer)
     q, k_pages, v_pages, kwargs, static = _common_args(
         q, k_pages, v_pages, kv_layout, scale, k_scale, v_scale, logits_soft_cap, sinks,
         window_left, out_dtype)
@@ -381,7 +411,7 @@ def paged_prefill(q, k_pages, v_pages, block_tables, seq_lens, cu_seqlens_q, *, 
         raise ValueError(
             f"cu_seqlens_q must be [B+1] = [{block_tables.shape[0] + 1}], got "
             f"{tuple(cu_seqlens_q.shape)}")
-    out, lse = _attention(q, k_pages, v_pages, block_tables, seq_lens, cu_seqlens_q,
+    out, lse = _attention(q, k_pages, v_pages, block_tables, seq_lens, cu_seqlens_q, exists,
                           **kwargs, max_rows=max(0, int(max_q_len)), causal=bool(causal),
                           q_len_per_req=1, **static)
     return (out, lse) if return_lse else out
@@ -405,15 +435,32 @@ def _quantize(x, scale, dtype):
 
 
 def append_kv(k_pages, v_pages, k, v, slot_mapping, *, kv_layout="NHD", k_scale=None,
-              v_scale=None):
+              v_scale=None, layer=None):
     """Write token t's K/V ([T, Hkv, D]) into slot `slot_mapping[t]` = page * page_size +
     offset, for every KV head. Negative or out-of-range slots skip the token. Returns
-    (k_pages, v_pages), or (kv_pages, None) for combined pages."""
+    (k_pages, v_pages), or (kv_pages, None) for combined pages. With `layer`, the pages are a
+    stack [num_layers, <pages>]: only layer `layer` is written (none if it does not exist)."""
     k_pages = views.materialize(k_pages)
     v_pages = None if v_pages is None else views.materialize(v_pages)
+    k_layer, v_layer, exists, index = _select_layer(k_pages, v_pages, layer)
+    slot = jnp.where(exists, jnp.asarray(slot_mapping).astype(jnp.int32), -1)
+    k_new, v_new = _append_pages(k_layer, v_layer, k, v, slot, kv_layout, k_scale, v_scale)
+    if layer is None:
+        return k_new, v_new
+    if index is None:   # an empty stack
+        return k_pages, v_pages
+
+    def put(stack, new):
+        return None if stack is None else jax.lax.dynamic_update_index_in_dim(stack, new,
+                                                                              index, 0)
+
+    return put(k_pages, k_new), put(v_pages, v_new)
+
+
+def _append_pages(k_pages, v_pages, k, v, slot, kv_layout, k_scale, v_scale):
+    """append_kv on one (unstacked) cache."""
     k, v = views.materialize(k), views.materialize(v)
     num_pages, page_size, hkv, d = _page_geometry(k_pages, v_pages, kv_layout)
-    slot = jnp.asarray(slot_mapping).astype(jnp.int32)
     if k.shape != v.shape or k.ndim != 3 or k.shape[1:] != (hkv, d):
         raise ValueError(
             f"k and v must be [T, Hkv={hkv}, D={d}], got {tuple(k.shape)} and "

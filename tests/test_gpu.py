@@ -614,3 +614,75 @@ def test_command_buffers_bitwise_equal(tmp_path):
     assert set(there) == set(here)
     for k in here:
         assert np.array_equal(here[k], there[k]), f"{k} differs with command buffers on"
+
+
+# ----------------------------------------------------------------------------- stacked caches
+
+
+def _stacked_case(seed, layers=4, batch=6, hkv=4, group=4, d=128, ps=16):
+    """A [layers, P, ps, Hkv, D] bf16 stack (fresh random layers), tables and lengths."""
+    rng = np.random.default_rng(seed)
+    kv_lens = rng.integers(1, 600, batch)
+    kv_lens[0] = 1
+    bt, P = cases.build_block_tables(rng, kv_lens, np.ones(batch, np.int64), ps, -1, True, 3)
+    shape = (layers, P, ps, hkv, d)
+    ks = rng.standard_normal(shape, dtype=np.float32).astype(_DT["bf16"])
+    vs = rng.standard_normal(shape, dtype=np.float32).astype(_DT["bf16"])
+    q = rng.standard_normal((layers, batch, hkv * group, d), dtype=np.float32)
+    return q.astype(_DT["bf16"]), ks, vs, bt, kv_lens.astype(np.int32)
+
+
+@on_shard(0)
+def test_stacked_cache_decode_in_a_jitted_layer_scan():
+    """layer= from a lax.scan counter, inside jit, on the GPU: each layer's output equals the
+    call on that layer's own cache (bf16 tolerance; the same kernel reads the same pages) and
+    the reference; a runtime layer out of range gives NaN rows."""
+    q, ks, vs, bt, sl = _stacked_case(seed=61)
+    L = ks.shape[0]
+    qg, kg, vg, btg, slg = (_on_gpu(a) for a in (q, ks, vs, bt, sl))
+
+    @jax.jit
+    def step(q, ks, vs, bt, sl):
+        def body(carry, xs):
+            i, qi = xs
+            return carry, jpa.paged_decode(qi, ks, vs, bt, sl, layer=i)
+        return jax.lax.scan(body, 0, (jnp.arange(L, dtype=jnp.int32), q))[1]
+
+    got = np.asarray(step(qg, kg, vg, btg, slg))
+    for i in range(L):
+        want = np.asarray(jpa.paged_decode(qg[i], _on_gpu(ks[i]), _on_gpu(vs[i]), btg, slg))
+        assert_close(got[i], want.astype(np.float32), 1e-2)
+        r = ref.paged_decode(qg[i], _on_gpu(ks[i]), _on_gpu(vs[i]), btg, slg,
+                             out_dtype=np.float32)
+        assert_close(got[i], np.asarray(r), 1e-2)
+    bad = jax.jit(lambda q, k, v, bt, sl, l: jpa.paged_decode(q, k, v, bt, sl, layer=l))(
+        qg[0], kg, vg, btg, slg, jnp.int32(L))
+    assert np.isnan(np.asarray(bad, np.float32)).all()
+
+
+@on_shard(1)
+def test_stacked_cache_append_in_a_donated_layer_scan():
+    """append_kv(layer=i) in a scan carrying the donated stack: each layer holds exactly its
+    own tokens (bitwise, as the numpy semantics), on the GPU's append path for stacks."""
+    _, ks, vs, bt, sl = _stacked_case(seed=62)
+    L, P, ps, hkv, d = ks.shape
+    rng = np.random.default_rng(63)
+    T = 24
+    slots = rng.permutation(P * ps)[:T].astype(np.int32)
+    new_k = rng.standard_normal((L, T, hkv, d), dtype=np.float32).astype(_DT["bf16"])
+    new_v = rng.standard_normal((L, T, hkv, d), dtype=np.float32).astype(_DT["bf16"])
+
+    def loop(ks, vs, new_k, new_v, slots):
+        def body(carry, xs):
+            i, k, v = xs
+            return jpa.append_kv(*carry, k, v, slots, layer=i), None
+        return jax.lax.scan(body, (ks, vs), (jnp.arange(L, dtype=jnp.int32), new_k, new_v))[0]
+
+    gk, gv = jax.jit(loop, donate_argnums=(0, 1))(*(_on_gpu(a) for a in
+                                                   (ks, vs, new_k, new_v, slots)))
+    case = cases.AppendCase(num_tokens=T, num_kv_heads=hkv, head_dim=d, page_size=ps,
+                            num_pages=P, new_dtype="bf16", kv_dtype="bf16")
+    for i in range(L):
+        wk, wv = cases.expected_append(case, ks[i], vs[i], new_k[i], new_v[i], slots)
+        assert_bitwise(np.asarray(gk[i]), wk, f"k pages of layer {i}")
+        assert_bitwise(np.asarray(gv[i]), wv, f"v pages of layer {i}")
