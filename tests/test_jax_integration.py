@@ -334,3 +334,27 @@ def test_jvp_of_append_raises_a_clear_error():
     f = lambda k: jpa.append_kv(put(kp), put(vp), k, put(v), put(slots))[0]  # noqa: E731
     with pytest.raises(NotImplementedError, match=r"append_kv.*not differentiable"):
         jax.jvp(f, (put(k),), (put(np.ones_like(k)),))
+
+
+def test_attention_results_sit_behind_an_optimization_barrier():
+    """XLA's GPU dynamic-slice fusion clones a custom call whose result is written into a
+    slice (a scan's stacked outputs) and runs it twice (measured: 2 kernels per layer); the
+    entry points put their results behind an optimization barrier so that cannot happen."""
+    case = cases.AttnCase(batch=2, seed=62)
+    inp = cases.make_inputs(case)
+    q, kp, vp = (put(a) for a in inp.args[:3])
+    bt, sl = put(inp.block_tables), put(inp.seq_lens)
+
+    def step(q_stack):
+        def layer(carry, q):
+            out = jpa.paged_decode(q + carry, kp, vp, bt, sl)
+            return out * 0.5, out  # the result feeds the carry and the stacked ys
+        return jax.lax.scan(layer, jnp.zeros_like(q_stack[0]), q_stack)[1]
+
+    q_stack = jnp.stack([q, q * 0.5])
+    text = jax.jit(step).lower(q_stack).as_text()
+    assert text.count("jpa_paged_decode") >= 1
+    assert "optimization_barrier" in text
+    outs = np.asarray(jax.jit(step)(q_stack), np.float32)
+    first = np.asarray(jpa.paged_decode(q, kp, vp, bt, sl), np.float32)
+    assert_bitwise(outs[0], first)
