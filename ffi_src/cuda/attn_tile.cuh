@@ -61,6 +61,10 @@ struct TileCfg {
   static constexpr int kRawChunks = kRawRow / 16;
   static_assert(kThreads % kRawChunks == 0, "a thread keeps one chunk column while loading");
   static constexpr int kStages = Stages_;  // K/V tiles in flight + the one in use
+  // fp8 decode: shared memory allows 4 CTAs per SM, and so must registers (ncu, H100,
+  // 128x2048: 158 registers/thread held it to 3 CTAs, 2.59 waves of 1024 CTAs; capped: a few
+  // bytes of spill, 209.7 -> 206.1 us).
+  static constexpr int kMinCtasPerSm = (kFp8 && WM == 1) ? 4 : 1;
   static_assert(kStages >= 2 && kStages <= 4, "pipeline depth");
   static constexpr int kTileRow = D * 2;  // bytes of one row in the compute dtype
   static constexpr int kQBytes = BM * kTileRow;
@@ -314,7 +318,7 @@ __device__ int request_of_length_rank(const AttnParams& p, int rank, unsigned ch
 }
 
 template <class Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads) attn_tile_kernel(const __grid_constant__ AttnLaunch L) {
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinCtasPerSm) attn_tile_kernel(const __grid_constant__ AttnLaunch L) {
   using CT = typename Cfg::CT;
   constexpr int D = Cfg::D, BM = Cfg::BM, BN = Cfg::BN, KW = Cfg::KW, WM = Cfg::WM;
   constexpr int MT = Cfg::MT;
