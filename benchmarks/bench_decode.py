@@ -327,20 +327,11 @@ def run_point(pt, impls, timer, l2_bytes, seed, smoke, check_ref):
 
 
 def _print_row(row):
-    if row.get("status") == "ok":
-        C.log(f"    {row['impl']:<11} {row['us']:10.1f} us  {row['gbps']:8.1f} GB/s  "
-              f"[{row['method']}, wall {C.fmt_num(row.get('wall_us'), '.1f')} us, "
-              f"{row['sets']} set(s)] {row.get('note', '')}")
-    else:
-        C.log(f"    {row['impl']:<11} {row.get('status')}")
+    C.log_row(row, f"{row['gbps']:8.1f} GB/s" if row.get("status") == "ok" else "")
 
 
-COLUMNS = [("point", "point", ""), ("config", "config", ""), ("impl", "impl", ""),
-           ("B", "B", "d"), ("L", "L", "d"), ("time us", "us", ".1f"),
-           ("GB/s", "gbps", ".0f"), ("% read ceil", "pct_ceiling", ".1f"),
-           ("vs cuDNN (x)", "vs_cudnn", ".2f"), ("rel L2", "rel_l2", ".1e"),
-           ("vs", "rel_vs", ""), ("check", "check", ""), ("wall us", "wall_us", ".1f"),
-           ("timer", "method", ""), ("status", "status", "")]
+COLUMNS = (C.HEAD_COLUMNS + [("GB/s", "gbps", ".0f"), ("% read ceil", "pct_ceiling", ".1f"),
+                             ("vs cuDNN (x)", "vs_cudnn", ".2f")] + C.CHECK_COLUMNS)
 
 
 def finalize(rows, ceiling):
@@ -429,10 +420,8 @@ def main(argv=None):
         C.log(f"(no PNG: {why})")
     C.log(f"outputs in {outdir}: decode.json, decode.md" + ("" if why else ", decode.png"))
     C.log("")
-    short = [("point", "point", ""), ("impl", "impl", ""), ("us", "us", ".1f"),
-             ("GB/s", "gbps", ".0f"), ("%ceil", "pct_ceiling", ".1f"),
-             ("vs cuDNN", "vs_cudnn", ".2f"), ("relL2", "rel_l2", ".1e"),
-             ("vs", "rel_vs", ""), ("check", "check", ""), ("status", "status", "")]
+    short = (C.SHORT_HEAD + [("GB/s", "gbps", ".0f"), ("%ceil", "pct_ceiling", ".1f"),
+                             ("vs cuDNN", "vs_cudnn", ".2f")] + C.SHORT_CHECK)
     C.log(C.markdown_table(rows, short))
     return 0
 

@@ -230,21 +230,13 @@ def run_point(pt, impls, timer, seed, check_ref):
 
 
 def _print_row(row):
-    if row.get("status") == "ok":
-        C.log(f"    {row['impl']:<12} {row['us']:10.1f} us  {row['tflops']:7.1f} TFLOP/s  "
-              f"[{row['method']}, wall {C.fmt_num(row.get('wall_us'), '.1f')} us] "
-              f"{row.get('note', '')}")
-    else:
-        C.log(f"    {row['impl']:<12} {row.get('status')}")
+    C.log_row(row, f"{row['tflops']:7.1f} TFLOP/s" if row.get("status") == "ok" else "",
+              width=12)
 
 
-COLUMNS = [("point", "point", ""), ("config", "config", ""), ("impl", "impl", ""),
-           ("B", "B", "d"), ("L", "L", "d"), ("time us", "us", ".1f"),
-           ("TFLOP/s", "tflops", ".1f"), ("% matmul", "pct_matmul", ".1f"),
-           ("vs cuDNN dense (x)", "vs_cudnn_dense", ".2f"),
-           ("vs cuDNN paged (x)", "vs_cudnn_paged", ".2f"), ("rel L2", "rel_l2", ".1e"),
-           ("vs", "rel_vs", ""), ("check", "check", ""), ("wall us", "wall_us", ".1f"),
-           ("timer", "method", ""), ("status", "status", "")]
+COLUMNS = (C.HEAD_COLUMNS + [("TFLOP/s", "tflops", ".1f"), ("% matmul", "pct_matmul", ".1f"),
+                             ("vs cuDNN dense (x)", "vs_cudnn_dense", ".2f"),
+                             ("vs cuDNN paged (x)", "vs_cudnn_paged", ".2f")] + C.CHECK_COLUMNS)
 
 
 def finalize(rows, matmul):
@@ -321,11 +313,9 @@ def main(argv=None):
         C.log(f"(no PNG: {why})")
     C.log(f"outputs in {outdir}: prefill.json, prefill.md" + ("" if why else ", prefill.png"))
     C.log("")
-    short = [("point", "point", ""), ("impl", "impl", ""), ("us", "us", ".1f"),
-             ("TFLOP/s", "tflops", ".1f"), ("%matmul", "pct_matmul", ".1f"),
-             ("vs dense", "vs_cudnn_dense", ".2f"), ("vs paged", "vs_cudnn_paged", ".2f"),
-             ("relL2", "rel_l2", ".1e"), ("vs", "rel_vs", ""), ("check", "check", ""),
-             ("status", "status", "")]
+    short = (C.SHORT_HEAD + [("TFLOP/s", "tflops", ".1f"), ("%matmul", "pct_matmul", ".1f"),
+                             ("vs dense", "vs_cudnn_dense", ".2f"),
+                             ("vs paged", "vs_cudnn_paged", ".2f")] + C.SHORT_CHECK)
     C.log(C.markdown_table(rows, short))
     return 0
 

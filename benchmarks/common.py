@@ -580,6 +580,29 @@ def fmt_num(v, spec: str) -> str:
         return str(v)
 
 
+# Column groups every benchmark table shares: (header, row key, format).
+HEAD_COLUMNS = [("point", "point", ""), ("config", "config", ""), ("impl", "impl", ""),
+                ("B", "B", "d"), ("L", "L", "d"), ("time us", "us", ".1f")]
+CHECK_COLUMNS = [("rel L2", "rel_l2", ".1e"), ("vs", "rel_vs", ""), ("check", "check", ""),
+                 ("wall us", "wall_us", ".1f"), ("timer", "method", ""),
+                 ("status", "status", "")]
+SHORT_HEAD = [("point", "point", ""), ("impl", "impl", ""), ("us", "us", ".1f")]
+SHORT_CHECK = [("relL2", "rel_l2", ".1e"), ("vs", "rel_vs", ""), ("check", "check", ""),
+               ("status", "status", "")]
+
+
+def log_row(row: dict, rate: str, width: int = 11) -> None:
+    """One implementation's result while a benchmark runs; `rate` is its formatted
+    throughput (GB/s, TFLOP/s)."""
+    if row.get("status") != "ok":
+        log(f"    {row['impl']:<{width}} {row.get('status')}")
+        return
+    sets = f", {row['sets']} set(s)" if "sets" in row else ""
+    log(f"    {row['impl']:<{width}} {row['us']:10.1f} us  {rate}  "
+        f"[{row['method']}, wall {fmt_num(row.get('wall_us'), '.1f')} us{sets}] "
+        f"{row.get('note', '')}")
+
+
 def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     """columns: (header, key, format spec; "" for str())."""
     head = "| " + " | ".join(c[0] for c in columns) + " |"

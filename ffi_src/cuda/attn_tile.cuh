@@ -154,6 +154,18 @@ __device__ __forceinline__ float fast_exp2(float x) {
 }
 
 // ---- the two MMA steps of a key tile, for one warp ----
+// acc[mt][n], acc[mt][n + 1] += a[mt] x B for every row tile mt, where B is one k16 x n16
+// operand given as two n8 fragments: (b[0], b[1]) for n8 tile n, (b[2], b[3]) for tile n + 1.
+template <class Cfg, int N>
+__device__ __forceinline__ void mma_n16(float (&acc)[Cfg::MT][N][4], int n,
+                                        const uint32_t (&a)[Cfg::MT][4], const uint32_t (&b)[4]) {
+#pragma unroll
+  for (int mt = 0; mt < Cfg::MT; ++mt) {
+    mma_16816<typename Cfg::CT>(acc[mt][n], a[mt], b[0], b[1]);
+    mma_16816<typename Cfg::CT>(acc[mt][n + 1], a[mt], b[2], b[3]);
+  }
+}
+
 // S[MT][KW/8] += Q rows [wrow0, wrow0 + 16 MT) x K^T of keys [key0, key0 + KW) of the tile.
 // Q sits at the start of shared memory (16-bit, swizzled); k_base is the stage's K tile.
 template <class Cfg>
@@ -172,11 +184,7 @@ __device__ __forceinline__ void qk_16bit(float (&s)[Cfg::MT][Cfg::KW / 8][4], ui
       uint32_t b[4];
       ldmatrix_x4(b, k_base + swz<D>(key0 + nt2 * 16 + (lane & 7) + ((lane >> 4) & 1) * 8,
                                      2 * kk + ((lane >> 3) & 1)));
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        mma_16816<typename Cfg::CT>(s[mt][2 * nt2], a[mt], b[0], b[1]);
-        mma_16816<typename Cfg::CT>(s[mt][2 * nt2 + 1], a[mt], b[2], b[3]);
-      }
+      mma_n16<Cfg>(s, 2 * nt2, a, b);
     }
   }
 }
@@ -201,15 +209,12 @@ __device__ __forceinline__ void qk_fp8(float (&s)[Cfg::MT][Cfg::KW / 8][4],
       ldmatrix_x4(r, k_base + swz_row<D>(key0 + nt2 * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
                                          c + (lane >> 4)));
 #pragma unroll
-      for (int cc = 0; cc < 2; ++cc)
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          uint32_t b0, b1;
-          fp8_k_frag(r[2 * cc + half], b0, b1);
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt)
-            mma_16816<typename Cfg::CT>(s[mt][2 * nt2 + half], a[cc][mt], b0, b1);
-        }
+      for (int cc = 0; cc < 2; ++cc) {
+        uint32_t b[4];  // keys [0, 8) then [8, 16)
+        fp8_k_frag(r[2 * cc], b[0], b[1]);
+        fp8_k_frag(r[2 * cc + 1], b[2], b[3]);
+        mma_n16<Cfg>(s, 2 * nt2, a[cc], b);
+      }
     }
   }
 }
@@ -243,11 +248,7 @@ __device__ __forceinline__ void pv_16bit(float (&o)[Cfg::MT][Cfg::D / 8][4],
       uint32_t b[4];
       ldmatrix_x4_trans(b, v_base + swz<D>(key0 + kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
                                            2 * dt2 + (lane >> 4)));
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        mma_16816<typename Cfg::CT>(o[mt][2 * dt2], a[mt], b[0], b[1]);
-        mma_16816<typename Cfg::CT>(o[mt][2 * dt2 + 1], a[mt], b[2], b[3]);
-      }
+      mma_n16<Cfg>(o, 2 * dt2, a, b);
     }
   }
 }
@@ -270,14 +271,10 @@ __device__ __forceinline__ void pv_fp8(float (&o)[Cfg::MT][Cfg::D / 8][4],
                                                c + (lane >> 4)));
 #pragma unroll
       for (int cc = 0; cc < 2; ++cc) {
-        uint32_t e0, o0, e1, o1;
-        fp8_v_frag(r[2 * cc], e0, o0);
-        fp8_v_frag(r[2 * cc + 1], e1, o1);
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          mma_16816<typename Cfg::CT>(o[mt][2 * (c + cc)], a[mt], e0, e1);
-          mma_16816<typename Cfg::CT>(o[mt][2 * (c + cc) + 1], a[mt], o0, o1);
-        }
+        uint32_t b[4];  // even d: keys [0, 8), [8, 16); then odd d
+        fp8_v_frag(r[2 * cc], b[0], b[2]);
+        fp8_v_frag(r[2 * cc + 1], b[1], b[3]);
+        mma_n16<Cfg>(o, 2 * (c + cc), a, b);
       }
     }
   }
