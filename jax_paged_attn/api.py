@@ -1,207 +1,14 @@
 """The public entry points: validate at trace time, turn views into (base, offset, strides),
-bind the primitives. Everything static is checked here with an error naming the argument."""
+bind the primitives. Every static check lives in checks.py / pages.py (shared with the
+reference), with an error naming the argument."""
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from . import _registry, layers, primitives
-from .views import StridedView, as_view, page_geometry
-
-_Q_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
-_PAGE_DTYPES = _Q_DTYPES + (jnp.dtype(jnp.float8_e4m3fn),)
-_LAYOUTS = {"NHD": 0, "HND": 1}
-
-
-# ----------------------------------------------------------------------------- checks
-
-
-def _fail(name, msg, exc=ValueError):
-    raise exc(f"{name}: {msg}")
-
-
-def _require_array(x, name):
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        _fail(name, f"expected an array, got {type(x).__name__}", TypeError)
-
-
-def _require_int_array(x, name, rank):
-    _require_array(x, name)
-    if jnp.dtype(x.dtype) != jnp.dtype(jnp.int32):
-        _fail(name, f"expected dtype int32, got {x.dtype}", TypeError)
-    if x.ndim != rank:
-        _fail(name, f"expected rank {rank}, got shape {tuple(x.shape)}")
-
-
-def _static_int(x, name, minimum):
-    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
-        _fail(name, f"expected a Python int, got {type(x).__name__}", TypeError)
-    if x < minimum:
-        _fail(name, f"must be >= {minimum}, got {x}")
-    return int(x)
-
-
-def _token_view(x, name, dtypes):
-    """A [tokens, heads, head_dim] operand as a checked view."""
-    view = as_view(x, name)
-    if view.ndim != 3:
-        _fail(name, f"expected rank 3 [tokens, heads, head_dim], got shape {view.shape}")
-    if jnp.dtype(view.dtype) not in dtypes:
-        _fail(name, f"dtype {view.dtype} not supported (expected one of "
-                    f"{[str(d) for d in dtypes]})", TypeError)
-    return view
-
-
-_PAGE_DIMS = {"NHD": ["page_size", "Hkv", "D"], "HND": ["Hkv", "page_size", "D"]}
-
-
-class _Pages:
-    """Checked page operands: geometry plus what the primitives need.
-
-    With `layer`, the operands are a stack `[num_layers, <pages>]` that the kernels see as one
-    flat pool of num_layers * P pages (layers.py); `block_tables`, `seq_lens` and `slots`
-    rewrite the metadata into that pool and `unstack` restores the stacked shape.
-    """
-
-    def __init__(self, k_pages, v_pages, kv_layout, layer=None):
-        if kv_layout not in _LAYOUTS:
-            _fail("kv_layout", f"expected 'NHD' or 'HND', got {kv_layout!r}")
-        _require_array(k_pages, "k_pages")
-        if isinstance(k_pages, StridedView) or isinstance(v_pages, StridedView):
-            _fail("k_pages", "pages must be plain arrays (their strides come from kv_layout)",
-                  TypeError)
-        if jnp.dtype(k_pages.dtype) not in _PAGE_DTYPES:
-            _fail("k_pages", f"dtype {k_pages.dtype} not supported (expected bfloat16, "
-                             "float16, float32 or float8_e4m3fn)", TypeError)
-        self.combined = v_pages is None
-        stacked = layer is not None
-        shape = tuple(k_pages.shape)
-        dims = ((["num_layers"] if stacked else []) + ["P"] + (["2"] if self.combined else [])
-                + _PAGE_DIMS[kv_layout])
-        rank = len(dims)
-        if len(shape) != rank:
-            hint = ""
-            if not stacked and len(shape) == rank + 1:
-                hint = " (a stacked [num_layers, ...] cache needs layer=)"
-            what = "combined pages (v_pages=None)" if self.combined else "pages"
-            _fail("k_pages", f"{what} must be rank {rank} [{', '.join(dims)}] ({kv_layout}"
-                             f"{', layer given' if stacked else ''}), got shape {shape}{hint}")
-        lead = 1 if stacked else 0
-        if self.combined and shape[lead + 1] != 2:
-            _fail("k_pages", f"combined pages need axis {lead + 1} of size 2 (K, V), got "
-                             f"{shape}")
-        if not self.combined:
-            _require_array(v_pages, "v_pages")
-            if tuple(v_pages.shape) != shape:
-                _fail("v_pages", f"shape {tuple(v_pages.shape)} differs from k_pages {shape}")
-            if v_pages.dtype != k_pages.dtype:
-                _fail("v_pages", f"dtype {v_pages.dtype} differs from k_pages {k_pages.dtype}",
-                      TypeError)
-        self.layout = _LAYOUTS[kv_layout]
-        num_pages, self.page_size, self.num_heads, self.head_dim = page_geometry(
-            shape[lead:], kv_layout, self.combined)
-        if self.page_size < 1 or self.num_heads < 1 or self.head_dim < 1:
-            _fail("k_pages", f"page_size, num_kv_heads and head_dim must be >= 1, got {shape}")
-        self.shape = shape
-        self.stack = None
-        if stacked:
-            self.stack = layers.LayerStack(layer, shape[0], num_pages, self.page_size)
-            # Layer axis merged into the page axis: a bitcast for the default layout, so the
-            # custom call reads (and append writes, aliased) the stack itself.
-            flat = (shape[0] * shape[1],) + shape[2:]
-            k_pages = jnp.reshape(k_pages, flat)
-            v_pages = None if self.combined else jnp.reshape(v_pages, flat)
-        self.k = k_pages
-        # Combined pages: an empty stand-in keeps the custom call's arity fixed.
-        self.v = jnp.zeros((0,), k_pages.dtype) if self.combined else v_pages
-
-    def block_tables(self, block_tables):
-        return block_tables if self.stack is None else self.stack.block_tables(block_tables)
-
-    def seq_lens(self, seq_lens):
-        return seq_lens if self.stack is None else self.stack.seq_lens(seq_lens)
-
-    def slots(self, slot_mapping):
-        return slot_mapping if self.stack is None else self.stack.slot_mapping(slot_mapping)
-
-    def unstack(self, pages):
-        """An updated pool in the caller's (possibly stacked) shape."""
-        return pages if self.stack is None else jnp.reshape(pages, self.shape)
-
-
-def _scales(k_scale, v_scale):
-    vals = []
-    for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
-        if s is None:
-            s = 1.0
-        if isinstance(s, bool) or not (isinstance(s, numbers.Real) or hasattr(s, "dtype")):
-            _fail(name, f"expected a number or a float32 scalar, got {type(s).__name__}",
-                  TypeError)
-        if hasattr(s, "shape"):
-            if tuple(s.shape) not in ((), (1,)):
-                _fail(name, f"expected a scalar, got shape {tuple(s.shape)}")
-            if not jnp.issubdtype(s.dtype, jnp.floating):
-                _fail(name, f"expected a floating scalar, got {s.dtype}", TypeError)
-            s = jnp.reshape(s, ())
-        vals.append(jnp.asarray(s, jnp.float32))
-    return jnp.stack(vals)
-
-
-def _common_attention(q, pages, block_tables, seq_lens, scale, k_scale, v_scale, window_left,
-                      logits_soft_cap, sinks, out_dtype):
-    qv = _token_view(q, "q", _Q_DTYPES)
-    t, hq, d = qv.shape
-    if d != pages.head_dim:
-        _fail("q", f"head_dim {d} differs from the pages' head_dim {pages.head_dim}")
-    if hq % pages.num_heads:
-        _fail("q", f"num_q_heads {hq} is not a multiple of num_kv_heads {pages.num_heads}")
-    _require_int_array(block_tables, "block_tables", 2)
-    _require_int_array(seq_lens, "seq_lens", 1)
-    if seq_lens.shape[0] != block_tables.shape[0]:
-        _fail("seq_lens", f"length {seq_lens.shape[0]} differs from block_tables' batch "
-                          f"{block_tables.shape[0]}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(d)
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-        _fail("scale", f"expected a finite Python number, got {scale!r}", TypeError)
-    window_left = _static_int(window_left, "window_left", -1)
-    if logits_soft_cap is None:
-        softcap = 0.0
-    else:
-        if isinstance(logits_soft_cap, bool) or not isinstance(logits_soft_cap, numbers.Real):
-            _fail("logits_soft_cap", f"expected a number, got {logits_soft_cap!r}", TypeError)
-        if not logits_soft_cap > 0 or not math.isfinite(logits_soft_cap):
-            _fail("logits_soft_cap", f"must be a positive finite number, got {logits_soft_cap}")
-        softcap = float(logits_soft_cap)
-    if sinks is None:
-        sinks_arr = jnp.zeros((0,), jnp.float32)
-    else:
-        _require_array(sinks, "sinks")
-        if tuple(sinks.shape) != (hq,):
-            _fail("sinks", f"expected shape ({hq},) [num_q_heads], got {tuple(sinks.shape)}")
-        if not jnp.issubdtype(sinks.dtype, jnp.floating):
-            _fail("sinks", f"expected float32, got {sinks.dtype}", TypeError)
-        sinks_arr = jnp.asarray(sinks, jnp.float32)
-    if out_dtype is None:
-        out_dtype = qv.dtype
-    try:
-        out_dtype = jnp.dtype(out_dtype)
-    except TypeError:
-        _fail("out_dtype", f"not a dtype: {out_dtype!r}", TypeError)
-    if out_dtype not in _Q_DTYPES:
-        _fail("out_dtype", f"{out_dtype} not supported (bfloat16, float16 or float32)",
-              TypeError)
-    params = dict(q_shape=(t, hq, d), q_offset=qv.offset, q_strides=qv.strides[:2],
-                  kv_layout=pages.layout, kv_combined=bool(pages.combined),
-                  sm_scale=float(scale), softcap=softcap, window_left=window_left,
-                  out_dtype=np.dtype(out_dtype))
-    meta = (pages.block_tables(block_tables), pages.seq_lens(seq_lens))
-    return qv, sinks_arr, params, meta
+from . import _registry, checks, primitives
+from . import pages as pages_mod
 
 
 def _finish(out, lse, return_lse):
@@ -214,42 +21,79 @@ def _finish(out, lse, return_lse):
     return (out, lse) if return_lse else out
 
 
-def _check_bool(x, name):
-    if not isinstance(x, (bool, np.bool_)):
-        _fail(name, f"expected a bool, got {type(x).__name__}", TypeError)
-    return bool(x)
+def _kernel_params(qv, pages, opts):
+    """Static parameters of the attention primitives from the checked operands."""
+    t, hq, d = qv.shape
+    return dict(q_shape=(t, hq, d), q_offset=qv.offset, q_strides=qv.strides[:2],
+                kv_layout=pages.layout, kv_combined=bool(pages.combined),
+                sm_scale=opts.scale, softcap=opts.softcap, window_left=opts.window_left,
+                out_dtype=opts.out_dtype)
+
+
+def _sinks_operand(opts):
+    # No sinks: an empty operand keeps the custom call's arity fixed.
+    return jax.numpy.zeros((0,), jax.numpy.float32) if opts.sinks is None else opts.sinks
 
 
 # ----------------------------------------------------------------------------- public API
+
+_ATTENTION_ARGS = """
+    Args:
+      q: queries `[T, Hq, D]`, bfloat16 / float16 (float32 on the CPU), an array or a
+        `StridedView` (e.g. from `split_qkv`: no copy is made).
+      k_pages, v_pages: the paged cache, one dtype, bfloat16 / float16 / float8_e4m3fn
+        (float32 on the CPU). `kv_layout="NHD"`: `[P, page_size, Hkv, D]`; `"HND"`:
+        `[P, Hkv, page_size, D]`. Combined pages: `k_pages` `[P, 2, ...]` (K at 0, V at 1)
+        and `v_pages=None`. With `layer`, a stack `[num_layers, <that shape>]`.
+      block_tables: int32 `[B, max_pages]`; key j of request b is on page
+        `block_tables[b, j // page_size]`, slot `j % page_size`.
+      seq_lens: int32 `[B]`, each request's KV length including the tokens being processed.
+      kv_layout: static, "NHD" or "HND".
+      scale: static Python float, logits scale (default `1/sqrt(D)`).
+      k_scale, v_scale: Python floats or float32 scalars (may be traced): K and V as read
+        are `stored * scale`, for every page dtype (default 1.0).
+      window_left: static int; `w >= 0` shows key j only when `pos - j <= w`; -1: no window.
+      logits_soft_cap: static positive float or None: logits become `cap * tanh(s / cap)`.
+      sinks: float32 `[Hq]` or None: one extra logit per head in the softmax denominator.
+      return_lse: static bool; also return the float32 `[T, Hq]` log-sum-exp (natural
+        log of the denominator, sink included).
+      out_dtype: output dtype (bfloat16 / float16 / float32), default q's dtype.
+      layer: None, or with a stacked cache the layer to attend to (a Python int, or an
+        integer scalar array that may be traced, e.g. a scan's layer counter). Nothing is
+        copied out of the stack; a runtime layer outside `[0, num_layers)` gives NaN rows.
+"""
+
+_ATTENTION_RETURNS = """
+    Returns:
+      out `[T, Hq, D]` in `out_dtype`, or `(out, lse)` with `return_lse=True`. Query head h
+      reads KV head `h // (Hq // Hkv)`. Rows owned by no request: 0 (lse -inf). Invalid
+      runtime metadata (docs/semantics.md): NaN in that request's rows only.
+
+    Raises:
+      ValueError / TypeError at trace time, naming the argument, for static misuse (see
+      docs/api.md); `check_metadata` checks runtime metadata.
+"""
 
 
 def paged_decode(q, k_pages, v_pages, block_tables, seq_lens, *, kv_layout="NHD", scale=None,
                  k_scale=None, v_scale=None, window_left=-1, logits_soft_cap=None, sinks=None,
                  q_len_per_req=1, return_lse=False, out_dtype=None, layer=None):
-    """Decode attention over a paged KV cache (see DESIGN.md §3 and docs/semantics.md).
+    """Decode attention over a paged KV cache (docs/api.md, docs/semantics.md).
 
-    Request b owns query rows [b*n, (b+1)*n), n = q_len_per_req, bottom-right aligned to its
-    seq_lens[b] keys, causal. Returns out [T, Hq, D] (and lse [T, Hq] with return_lse).
-
-    `layer`: with a stacked cache `[num_layers, <pages>]`, the layer to attend to (a Python
-    int, or an integer scalar array that may be traced, e.g. a scan's layer counter); the
-    block tables index that layer's pages. Nothing is copied out of the stack; a runtime layer
-    outside [0, num_layers) gives NaN in every request's rows (docs/semantics.md).
+    Request b owns query rows `[b*n, (b+1)*n)`, `n = q_len_per_req` (static int >= 1; > 1
+    for speculative decoding), so `T == B * n`; token i of request b sits at position
+    `seq_lens[b] - n + i` and sees keys up to it (always causal).
     """
     _registry.register()
-    return_lse = _check_bool(return_lse, "return_lse")
-    pages = _Pages(k_pages, v_pages, kv_layout, layer)
-    qv, sinks_arr, params, (bt, sl) = _common_attention(
-        q, pages, block_tables, seq_lens, scale, k_scale, v_scale, window_left,
-        logits_soft_cap, sinks, out_dtype)
-    n = _static_int(q_len_per_req, "q_len_per_req", 1)
-    b = block_tables.shape[0]
-    if qv.shape[0] != b * n:
-        _fail("q_len_per_req", f"q has {qv.shape[0]} tokens but batch {b} x q_len_per_req {n}"
-                               f" = {b * n}")
+    return_lse = checks.check_bool(return_lse, "return_lse")
+    pages = pages_mod.PagePool(k_pages, v_pages, kv_layout, layer)
+    qv, opts = checks.attention_options(q, pages, block_tables, seq_lens, scale, window_left,
+                                        logits_soft_cap, sinks, out_dtype)
+    n = checks.decode_queries(qv, block_tables, q_len_per_req)
     out, lse = primitives.decode_p.bind(
-        qv.base, pages.k, pages.v, bt, sl, _scales(k_scale, v_scale),
-        sinks_arr, q_len_per_req=n, causal=True, max_q_len=n, **params)
+        qv.base, pages.k, pages.v, pages.block_tables(block_tables), pages.seq_lens(seq_lens),
+        checks.scales(k_scale, v_scale), _sinks_operand(opts), q_len_per_req=n, causal=True,
+        max_q_len=n, **_kernel_params(qv, pages, opts))
     return _finish(out, lse, return_lse)
 
 
@@ -257,59 +101,57 @@ def paged_prefill(q, k_pages, v_pages, block_tables, seq_lens, cu_seqlens_q, *, 
                   causal=True, kv_layout="NHD", scale=None, k_scale=None, v_scale=None,
                   window_left=-1, logits_soft_cap=None, sinks=None, return_lse=False,
                   out_dtype=None, layer=None):
-    """Prefill (ragged, chunked) attention over a paged KV cache.
+    """Prefill / chunked-prefill attention over a paged KV cache, on a ragged batch.
 
-    Request b owns query rows [cu_seqlens_q[b], cu_seqlens_q[b+1]), bottom-right aligned to
-    its seq_lens[b] keys; `max_q_len` is a static bound on any request's query length.
-    `layer`: as in `paged_decode` (a stacked cache and the layer to attend to).
+    cu_seqlens_q: int32 `[B+1]`; request b owns query rows `[cu[b], cu[b+1])` (rows outside
+    every request are padding), bottom-right aligned to its `seq_lens[b]` keys.
+    max_q_len: static int >= 1, an upper bound on every request's query length.
+    causal: static bool (default True); False lets every row see all of its request's keys
+    (the window still applies).
     """
     _registry.register()
-    return_lse = _check_bool(return_lse, "return_lse")
-    causal = _check_bool(causal, "causal")
-    pages = _Pages(k_pages, v_pages, kv_layout, layer)
-    qv, sinks_arr, params, (bt, sl) = _common_attention(
-        q, pages, block_tables, seq_lens, scale, k_scale, v_scale, window_left,
-        logits_soft_cap, sinks, out_dtype)
-    _require_int_array(cu_seqlens_q, "cu_seqlens_q", 1)
-    if cu_seqlens_q.shape[0] != block_tables.shape[0] + 1:
-        _fail("cu_seqlens_q", f"expected length batch+1 = {block_tables.shape[0] + 1}, got "
-                              f"{cu_seqlens_q.shape[0]}")
-    max_q_len = _static_int(max_q_len, "max_q_len", 1)
+    return_lse = checks.check_bool(return_lse, "return_lse")
+    causal = checks.check_bool(causal, "causal")
+    pages = pages_mod.PagePool(k_pages, v_pages, kv_layout, layer)
+    qv, opts = checks.attention_options(q, pages, block_tables, seq_lens, scale, window_left,
+                                        logits_soft_cap, sinks, out_dtype)
+    max_q_len = checks.prefill_queries(block_tables, cu_seqlens_q, max_q_len)
     out, lse = primitives.prefill_p.bind(
-        qv.base, pages.k, pages.v, bt, sl, cu_seqlens_q,
-        _scales(k_scale, v_scale), sinks_arr, q_len_per_req=1, causal=causal,
-        max_q_len=max_q_len, **params)
+        qv.base, pages.k, pages.v, pages.block_tables(block_tables), pages.seq_lens(seq_lens),
+        cu_seqlens_q, checks.scales(k_scale, v_scale), _sinks_operand(opts), q_len_per_req=1,
+        causal=causal, max_q_len=max_q_len, **_kernel_params(qv, pages, opts))
     return _finish(out, lse, return_lse)
+
+
+paged_decode.__doc__ += _ATTENTION_ARGS + _ATTENTION_RETURNS
+paged_prefill.__doc__ += _ATTENTION_ARGS + _ATTENTION_RETURNS
 
 
 def append_kv(k_pages, v_pages, k, v, slot_mapping, *, kv_layout="NHD", k_scale=None,
               v_scale=None, layer=None):
-    """Writes new tokens' K/V into their page slots; returns the updated (k_pages, v_pages)
-    ((kv_pages, None) for combined pages). In place when the caller donates the cache.
+    """Writes new tokens' K/V into their page slots.
 
-    `layer`: with a stacked cache `[num_layers, <pages>]`, the layer to write (a Python int or
-    a possibly traced integer scalar); slots index that layer's pages, the other layers are
-    untouched and the result keeps the stacked shape. A runtime layer outside
-    [0, num_layers) skips every token.
+    Args:
+      k_pages, v_pages: the cache, as in `paged_decode` (combined pages: `v_pages=None`).
+      k, v: `[T, Hkv, D]` bfloat16 / float16 / float32, arrays or views (`split_qkv`).
+      slot_mapping: int32 `[T]`, `slot = page * page_size + offset`; a negative slot or one
+        `>= P * page_size` skips that token.
+      kv_layout: static, "NHD" or "HND".
+      k_scale, v_scale: numbers or float32 scalars (may be traced): stored values are
+        `k / k_scale`, `v / v_scale`, rounded to nearest even (fp8: saturated to +-448).
+      layer: with a stacked cache, the layer to write (int or traced integer scalar); other
+        layers are untouched; a runtime layer outside `[0, num_layers)` skips every token.
+
+    Returns:
+      `(k_pages, v_pages)` updated (same shapes), or `(kv_pages, None)` for combined pages.
+      In place when the caller donates the cache to the jitted function.
     """
     _registry.register()
-    pages = _Pages(k_pages, v_pages, kv_layout, layer)
-    kv = _token_view(k, "k", _Q_DTYPES)
-    vv = _token_view(v, "v", _Q_DTYPES)
-    if kv.shape != vv.shape:
-        _fail("v", f"shape {vv.shape} differs from k's {kv.shape}")
-    t, hkv, d = kv.shape
-    if hkv != pages.num_heads:
-        _fail("k", f"has {hkv} heads but the pages hold {pages.num_heads} KV heads")
-    if d != pages.head_dim:
-        _fail("k", f"head_dim {d} differs from the pages' head_dim {pages.head_dim}")
-    _require_int_array(slot_mapping, "slot_mapping", 1)
-    if slot_mapping.shape[0] != t:
-        _fail("slot_mapping", f"length {slot_mapping.shape[0]} differs from the {t} tokens "
-                              "of k/v")
+    pages = pages_mod.PagePool(k_pages, v_pages, kv_layout, layer)
+    kv, vv = checks.append_tokens(pages, k, v, slot_mapping)
     k_out, v_out = primitives.append_p.bind(
         pages.k, pages.v, kv.base, vv.base, pages.slots(slot_mapping),
-        _scales(k_scale, v_scale), k_offset=kv.offset, k_strides=kv.strides[:2],
+        checks.scales(k_scale, v_scale), k_offset=kv.offset, k_strides=kv.strides[:2],
         v_offset=vv.offset, v_strides=vv.strides[:2], kv_layout=pages.layout,
         kv_combined=bool(pages.combined), layouts_on_operands=pages.stack is not None)
     if pages.combined:

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-from . import layers
+from . import pages
 
 # (rule name, message template); the template is formatted with b (request) and the values.
 _RULES = (
@@ -87,7 +87,7 @@ def _layer_in_range(layer, num_layers):
     if layer is None:
         return None, True
     _check_positive_ints(num_layers=num_layers)
-    index, ok = layers.layer_index(layer, int(num_layers))   # raises for a non-integer layer
+    index, ok = pages.layer_index(layer, int(num_layers))   # raises for a non-integer layer
     if ok is False:
         raise ValueError(_layer_rule(num_layers).format(x=index))
     return layer, ok

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _registry, _workspace, compat
-from .views import StridedView, page_geometry
+from .pages import page_geometry
+from .views import StridedView
 
 # ----------------------------------------------------------------------------- primitives
 

@@ -19,7 +19,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from . import layers, views
+from . import checks, pages, views
 
 __all__ = ["paged_decode", "paged_prefill", "append_kv"]
 
@@ -48,24 +48,9 @@ def _f32_scalar(x, default):
 
 
 def _page_geometry(k_pages, v_pages, kv_layout):
-    """(num_pages, page_size, num_kv_heads, head_dim) of the cache, validated statically."""
-    if kv_layout not in _LAYOUTS:
-        raise ValueError(f"kv_layout must be one of {_LAYOUTS}, got {kv_layout!r}")
-    if v_pages is None:
-        if k_pages.ndim != 5 or k_pages.shape[1] != 2:
-            raise ValueError(
-                "with v_pages=None, k_pages must hold combined pages [P, 2, ...], got shape "
-                f"{tuple(k_pages.shape)}")
-    else:
-        if k_pages.ndim != 4:
-            raise ValueError(f"k_pages must be rank 4, got shape {tuple(k_pages.shape)}")
-        if tuple(v_pages.shape) != tuple(k_pages.shape):
-            raise ValueError(
-                f"v_pages shape {tuple(v_pages.shape)} != k_pages shape "
-                f"{tuple(k_pages.shape)}")
-        if v_pages.dtype != k_pages.dtype:
-            raise TypeError(f"v_pages dtype {v_pages.dtype} != k_pages dtype {k_pages.dtype}")
-    return views.page_geometry(k_pages.shape, kv_layout, v_pages is None)
+    """(num_pages, page_size, num_kv_heads, head_dim) of one (unstacked, already checked)
+    layer of the cache."""
+    return pages.page_geometry(k_pages.shape, kv_layout, v_pages is None)
 
 
 def _gather_pages(k_pages, v_pages, page_ids, kv_layout):
@@ -312,7 +297,7 @@ def _select_layer(k_pages, v_pages, layer):
     if layer is None:
         return k_pages, v_pages, jnp.asarray(True), None
     n = k_pages.shape[0]
-    index, exists = layers.layer_index(layer, n)
+    index, exists = pages.layer_index(layer, n)
     if isinstance(index, int) and not exists:
         raise ValueError(f"layer: {index} outside [0, {n})")
     if n == 0:   # nothing to read: an empty stand-in layer that no request may use
@@ -329,66 +314,45 @@ def _select_layer(k_pages, v_pages, layer):
     return take(k_pages), take(v_pages), jnp.asarray(exists), index
 
 
-def _common_args(q, k_pages, v_pages, kv_layout, scale, k_scale, v_scale, logits_soft_cap,
-                 sinks, window_left, out_dtype):
-    q = views.materialize(q)
-    k_pages = views.materialize(k_pages)
-    v_pages = None if v_pages is None else views.materialize(v_pages)
-    if q.ndim != 3:
-        raise ValueError(f"q must be [num_tokens, Hq, D], got shape {tuple(q.shape)}")
-    _, _, hkv, d = _page_geometry(k_pages, v_pages, kv_layout)
-    hq = q.shape[1]
-    if q.shape[2] != d:
-        raise ValueError(f"q head_dim {q.shape[2]} != page head_dim {d}")
-    if hq % hkv:
-        raise ValueError(f"Hq ({hq}) must be a multiple of Hkv ({hkv})")
-    if sinks is not None:
-        sinks = jnp.asarray(sinks, jnp.float32)
-        if sinks.shape != (hq,):
-            raise ValueError(f"sinks must be float32 [Hq={hq}], got shape {sinks.shape}")
-    kwargs = dict(
-        scale=_f32_scalar(scale, 1.0 / math.sqrt(d)),
-        k_scale=_f32_scalar(k_scale, 1.0),
-        v_scale=_f32_scalar(v_scale, 1.0),
-        soft_cap=None if logits_soft_cap is None else _f32_scalar(logits_soft_cap, 0.0),
-        sinks=sinks,
-    )
-    static = dict(
-        kv_layout=kv_layout,
-        window_left=-1 if window_left is None or int(window_left) < 0 else int(window_left),
-        out_dtype=jnp.dtype(q.dtype if out_dtype is None else out_dtype),
-        budget=_STEP_BUDGET_BYTES,     # read per call so tests can shrink it
-    )
-    return q, k_pages, v_pages, kwargs, static
+def _as_jnp(pages):
+    return None if pages is None else jnp.asarray(pages)
+
+
+def _checked(q, k_pages, v_pages, block_tables, seq_lens, kv_layout, scale, k_scale,
+             v_scale, window_left, logits_soft_cap, sinks, out_dtype, layer):
+    """The public API's own checks (checks.py, pages.py), then the operands in the form
+    `_attention` takes: (dense q, layer's pages, layer exists, traced args, static args)."""
+    spec = pages.PagePool(k_pages, v_pages, kv_layout, layer, flatten=False)
+    k_pages, v_pages = _as_jnp(k_pages), _as_jnp(v_pages)
+    qv, opts = checks.attention_options(q, spec, block_tables, seq_lens, scale, window_left,
+                                        logits_soft_cap, sinks, out_dtype)
+    k_layer, v_layer, exists, _ = _select_layer(k_pages, v_pages, layer)
+    scales = checks.scales(k_scale, v_scale)
+    traced = dict(scale=jnp.float32(opts.scale), k_scale=scales[0], v_scale=scales[1],
+                  soft_cap=jnp.float32(opts.softcap) if opts.softcap else None,
+                  sinks=opts.sinks)
+    static = dict(kv_layout=kv_layout, window_left=opts.window_left,
+                  out_dtype=jnp.dtype(opts.out_dtype),
+                  budget=_STEP_BUDGET_BYTES)     # read per call so tests can shrink it
+    return qv, views.materialize(qv), k_layer, v_layer, exists, traced, static
 
 
 # --------------------------------------------------------------------------------------------
-# Public API (signatures of DESIGN.md §3)
+# Public API (the signatures of jax_paged_attn's ops; docs/api.md)
 # --------------------------------------------------------------------------------------------
 
 def paged_decode(q, k_pages, v_pages, block_tables, seq_lens, *, kv_layout="NHD", scale=None,
                  k_scale=None, v_scale=None, window_left=-1, logits_soft_cap=None, sinks=None,
                  q_len_per_req=1, return_lse=False, out_dtype=None, layer=None):
     """Decode: request b owns query rows [b*n, (b+1)*n), n = q_len_per_req; always causal.
-    With `layer`, k_pages/v_pages are a stack [num_layers, <pages>] and layer `layer` is read."""
-    k_pages, v_pages, exists, _ = _select_layer(k_pages, v_pages, layer)
-    q, k_pages, v_pages, kwargs, static = _common_args(
-        q, k_pages, v_pages, kv_layout, scale, k_scale, v_scale, logits_soft_cap, sinks,
-        window_left, out_dtype)
-    n = int(q_len_per_req)
-    if n < 1:
-        raise ValueError(f"q_len_per_req must be >= 1, got {q_len_per_req}")
-    block_tables, seq_lens = jnp.asarray(block_tables), jnp.asarray(seq_lens)
-    if block_tables.ndim != 2 or seq_lens.shape != (block_tables.shape[0],):
-        raise ValueError(
-            f"block_tables must be [B, max_pages] and seq_lens [B], got "
-            f"{tuple(block_tables.shape)} and {tuple(seq_lens.shape)}")
-    if q.shape[0] != block_tables.shape[0] * n:
-        raise ValueError(
-            f"q has {q.shape[0]} tokens but B * q_len_per_req = {block_tables.shape[0]} * {n}")
-    out, lse = _attention(q, k_pages, v_pages, block_tables, seq_lens, None, exists, **kwargs,
+    Arguments, shapes and dtypes as `jax_paged_attn.paged_decode`."""
+    qv, q, k_pages, v_pages, exists, traced, static = _checked(
+        q, k_pages, v_pages, block_tables, seq_lens, kv_layout, scale, k_scale, v_scale,
+        window_left, logits_soft_cap, sinks, out_dtype, layer)
+    n = checks.decode_queries(qv, block_tables, q_len_per_req)
+    out, lse = _attention(q, k_pages, v_pages, block_tables, seq_lens, None, exists, **traced,
                           max_rows=n, causal=True, q_len_per_req=n, **static)
-    return (out, lse) if return_lse else out
+    return (out, lse) if checks.check_bool(return_lse, "return_lse") else out
 
 
 def paged_prefill(q, k_pages, v_pages, block_tables, seq_lens, cu_seqlens_q, *, max_q_len,
@@ -396,25 +360,16 @@ def paged_prefill(q, k_pages, v_pages, block_tables, seq_lens, cu_seqlens_q, *, 
                   window_left=-1, logits_soft_cap=None, sinks=None, return_lse=False,
                   out_dtype=None, layer=None):
     """Prefill / chunked prefill: request b owns rows [e[b], e[b+1]) of the ragged batch.
-    `layer`: as in `paged_decode`."""
-    k_pages, v_pages, exists, _ = _select_layer(k_pages, v_pages, layer)
-    q, k_pages, v_pages, kwargs, static = _common_args(
-        q, k_pages, v_pages, kv_layout, scale, k_scale, v_scale, logits_soft_cap, sinks,
-        window_left, out_dtype)
-    block_tables, seq_lens = jnp.asarray(block_tables), jnp.asarray(seq_lens)
-    cu_seqlens_q = jnp.asarray(cu_seqlens_q)
-    if block_tables.ndim != 2 or seq_lens.shape != (block_tables.shape[0],):
-        raise ValueError(
-            f"block_tables must be [B, max_pages] and seq_lens [B], got "
-            f"{tuple(block_tables.shape)} and {tuple(seq_lens.shape)}")
-    if cu_seqlens_q.shape != (block_tables.shape[0] + 1,):
-        raise ValueError(
-            f"cu_seqlens_q must be [B+1] = [{block_tables.shape[0] + 1}], got "
-            f"{tuple(cu_seqlens_q.shape)}")
+    Arguments, shapes and dtypes as `jax_paged_attn.paged_prefill`."""
+    qv, q, k_pages, v_pages, exists, traced, static = _checked(
+        q, k_pages, v_pages, block_tables, seq_lens, kv_layout, scale, k_scale, v_scale,
+        window_left, logits_soft_cap, sinks, out_dtype, layer)
+    max_q_len = checks.prefill_queries(block_tables, cu_seqlens_q, max_q_len)
     out, lse = _attention(q, k_pages, v_pages, block_tables, seq_lens, cu_seqlens_q, exists,
-                          **kwargs, max_rows=max(0, int(max_q_len)), causal=bool(causal),
-                          q_len_per_req=1, **static)
-    return (out, lse) if return_lse else out
+                          **traced, max_rows=max_q_len,
+                          causal=checks.check_bool(causal, "causal"), q_len_per_req=1,
+                          **static)
+    return (out, lse) if checks.check_bool(return_lse, "return_lse") else out
 
 
 def _quantize(x, scale, dtype):
@@ -439,9 +394,14 @@ def append_kv(k_pages, v_pages, k, v, slot_mapping, *, kv_layout="NHD", k_scale=
     """Write token t's K/V ([T, Hkv, D]) into slot `slot_mapping[t]` = page * page_size +
     offset, for every KV head. Negative or out-of-range slots skip the token. Returns
     (k_pages, v_pages), or (kv_pages, None) for combined pages. With `layer`, the pages are a
-    stack [num_layers, <pages>]: only layer `layer` is written (none if it does not exist)."""
-    k_pages = views.materialize(k_pages)
-    v_pages = None if v_pages is None else views.materialize(v_pages)
+    stack [num_layers, <pages>]: only layer `layer` is written (none if it does not exist).
+    Arguments as `jax_paged_attn.append_kv`."""
+    spec = pages.PagePool(k_pages, v_pages, kv_layout, layer, flatten=False)
+    k_pages, v_pages = _as_jnp(k_pages), _as_jnp(v_pages)
+    kv, vv = checks.append_tokens(spec, k, v, slot_mapping)
+    k, v = views.materialize(kv), views.materialize(vv)
+    scales = checks.scales(k_scale, v_scale)
+    k_scale, v_scale = scales[0], scales[1]
     k_layer, v_layer, exists, index = _select_layer(k_pages, v_pages, layer)
     slot = jnp.where(exists, jnp.asarray(slot_mapping).astype(jnp.int32), -1)
     k_new, v_new = _append_pages(k_layer, v_layer, k, v, slot, kv_layout, k_scale, v_scale)
@@ -458,15 +418,8 @@ def append_kv(k_pages, v_pages, k, v, slot_mapping, *, kv_layout="NHD", k_scale=
 
 
 def _append_pages(k_pages, v_pages, k, v, slot, kv_layout, k_scale, v_scale):
-    """append_kv on one (unstacked) cache."""
-    k, v = views.materialize(k), views.materialize(v)
+    """append_kv on one (unstacked, checked) cache."""
     num_pages, page_size, hkv, d = _page_geometry(k_pages, v_pages, kv_layout)
-    if k.shape != v.shape or k.ndim != 3 or k.shape[1:] != (hkv, d):
-        raise ValueError(
-            f"k and v must be [T, Hkv={hkv}, D={d}], got {tuple(k.shape)} and "
-            f"{tuple(v.shape)}")
-    if slot.shape != (k.shape[0],):
-        raise ValueError(f"slot_mapping must be [T={k.shape[0]}], got {tuple(slot.shape)}")
 
     # Skipped tokens are sent to page index P, which mode="drop" discards.
     ok = (slot >= 0) & (slot < num_pages * page_size)

@@ -24,12 +24,27 @@ def _row_major_strides(shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
+@jax.tree_util.register_pytree_node_class
 class StridedView:
     """A view of `base`'s row-major memory: element `idx` of the view is element
     `offset + sum(idx[i] * strides[i])` of `base.reshape(-1)`.
 
-    Requirements (checked here, at trace time): innermost stride 1, strides non-negative, and
-    every reachable element inside `base`.
+    Args:
+      base: the array that holds the data, any shape and dtype.
+      shape: the view's logical shape (a sequence of ints; ops take rank 3,
+        `[tokens, heads, head_dim]`).
+      strides: the distance, in elements of `base`, between neighbours along each axis.
+      offset: the element of `base.reshape(-1)` where the view starts.
+
+    Requirements (checked here, at trace time, with a ValueError): innermost stride 1,
+    strides and offset non-negative, and every reachable element inside `base`.
+
+    A view is a pytree whose only leaf is `base`; shape, strides and offset are static
+    auxiliary data. So a view crosses `jax.jit`, `jax.vmap`, `lax.scan` and `shard_map`
+    boundaries like an array, and `jax.tree.map` reaches its base. The geometry always refers
+    to the base as the leaf is seen *inside* the transformation: a view returned from
+    `jax.vmap` has a base with the mapped axis added, and mapping over that axis again gives
+    back per-example bases that the view describes.
     """
 
     def __init__(self, base, shape, strides, offset=0):
@@ -65,6 +80,18 @@ class StridedView:
         self.shape = shape
         self.strides = strides
         self.offset = offset
+
+    # Pytree protocol. Unflattening skips the checks: JAX rebuilds views around tracers,
+    # batched values and placeholder objects (None, sentinels) that have no shape to check.
+    def tree_flatten(self):
+        return (self.base,), (self.shape, self.strides, self.offset)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        view = object.__new__(cls)
+        view.base = children[0]
+        view.shape, view.strides, view.offset = aux
+        return view
 
     @property
     def dtype(self):
@@ -105,15 +132,6 @@ def materialize(x) -> jax.Array:
     if isinstance(x, StridedView):
         return x.materialize()
     return jnp.asarray(x)
-
-
-def page_geometry(shape, kv_layout: str, combined: bool) -> tuple[int, int, int, int]:
-    """(num_pages, page_size, num_kv_heads, head_dim) of a page array of `shape`: "NHD" is
-    [P, page, Hkv, D], "HND" [P, Hkv, page, D], after the [P, 2] prefix of combined pages.
-    Shapes only; callers check ranks first."""
-    geom = tuple(shape[2:]) if combined else tuple(shape[1:])
-    page_size, num_heads = (geom[0], geom[1]) if kv_layout == "NHD" else (geom[1], geom[0])
-    return int(shape[0]), int(page_size), int(num_heads), int(geom[2])
 
 
 def split_qkv(qkv, num_q_heads: int, num_kv_heads: int, head_dim: int | None = None):

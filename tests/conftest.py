@@ -105,3 +105,14 @@ def ref():
     import jax_paged_attn.reference
 
     return jax_paged_attn.reference
+
+
+# Cases run by the fuzz suite (tests/test_fuzz.py), printed at the end of the session.
+FUZZ_COUNTS = {"configs": 0, "cases": 0, "broken": 0}
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FUZZ_COUNTS["cases"]:
+        terminalreporter.write_line(
+            f"fuzz: {FUZZ_COUNTS['cases']} cases passed over {FUZZ_COUNTS['configs']} "
+            f"configurations ({FUZZ_COUNTS['broken']} with broken metadata)")

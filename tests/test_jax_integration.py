@@ -5,6 +5,9 @@ trip, scan over layers, checkify, and a clear refusal to differentiate.
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -358,3 +361,57 @@ def test_attention_results_sit_behind_an_optimization_barrier():
     outs = np.asarray(jax.jit(step)(q_stack), np.float32)
     first = np.asarray(jpa.paged_decode(q, kp, vp, bt, sl), np.float32)
     assert_bitwise(outs[0], first)
+
+
+_FRESH_PROCESS_CALL = """
+import sys, numpy as np, jax
+import jax_paged_attn  # registers the FFI handlers; no op is traced in this process
+blob = open(sys.argv[1], "rb").read()
+args = np.load(sys.argv[2])
+exp = jax.export.deserialize(blob)
+out = exp.call(*[args[f"a{i}"] for i in range(len(args.files) - 1)])
+assert np.array_equal(np.asarray(out).view(np.uint8), args["want"].view(np.uint8))
+print("OK")
+"""
+
+
+def test_export_with_the_package_constant_runs_in_a_fresh_process(tmp_path):
+    """`EXPORT_DISABLED_CHECKS` is all an export needs, and a deserialized export finds our
+    handlers in a process that only imported the package."""
+    pytest.importorskip("flatbuffers", reason="jax.export serialization needs flatbuffers")
+    inp = cases.make_inputs(cases.AttnCase(seed=73))
+    args = [put(a) for a in inp.args]
+    exp = jax.export.export(jax.jit(jpa.paged_decode),
+                            disabled_checks=jpa.EXPORT_DISABLED_CHECKS)(*args)
+    want = np.asarray(jpa.paged_decode(*args))
+    (tmp_path / "f.bin").write_bytes(exp.serialize())
+    np.savez(tmp_path / "args.npz", want=want, **{f"a{i}": np.asarray(a) for i, a in
+                                                  enumerate(args)})
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    res = subprocess.run([sys.executable, "-c", _FRESH_PROCESS_CALL, str(tmp_path / "f.bin"),
+                          str(tmp_path / "args.npz")], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stdout + res.stderr
+
+
+def test_export_constant_covers_every_custom_call_of_a_stacked_append():
+    k = jnp.zeros((2, 3, 4, 1, 8), jnp.float32) + 1.5
+    new = jnp.full((2, 1, 8), 0.25, jnp.float32)
+    f = lambda k, v, n, s: jpa.append_kv(k, v, n, n, s, layer=1)  # noqa: E731
+    exp = jax.export.export(jax.jit(f), disabled_checks=jpa.EXPORT_DISABLED_CHECKS)(
+        k, k, new, jnp.asarray([0, 5], jnp.int32))
+    assert "jpa_append_kv" in exp.mlir_module()
+
+
+def test_missing_extension_message_names_a_shadowing_source_tree(monkeypatch):
+    from jax_paged_attn import _registry
+
+    monkeypatch.setattr(_registry.importlib.metadata, "distribution", lambda name: object())
+    msg = _registry._missing_extension_message()
+    assert "shadowing" in msg and "source tree" in msg
+
+    def missing(name):
+        raise _registry.importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(_registry.importlib.metadata, "distribution", missing)
+    assert "is missing" in _registry._missing_extension_message()
