@@ -31,6 +31,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import common as C  # noqa: E402
 
+C.add_tests_to_path()
+import cases  # noqa: E402
+import device_inputs as DI  # noqa: E402
+
 IMPLS = ("ours", "cudnn", "pallas", "xla")
 # rel L2 above this (bf16 data) is flagged: a bf16 output alone gives ~4e-3.
 REL_TOL = 2e-2
@@ -104,12 +108,12 @@ def smoke_points(extra: bool) -> list[Point]:
 @dataclasses.dataclass
 class InputSet:
     q: jax.Array                  # [B * q_len, Hq, D] bf16
-    cache: C.PagedCache
+    cache: DI.PagedCache
 
 
 def seq_lens_for(pt: Point, seed: int) -> np.ndarray:
     if pt.ragged:
-        return C.random_seq_lens(seed, pt.batch, 1, pt.max_len)
+        return cases.uniform_seq_lens(seed, pt.batch, 1, pt.max_len)
     # Decode with q_len n: seq_len counts the new tokens; max_len is the KV length.
     return np.full((pt.batch,), pt.max_len, np.int32)
 
@@ -119,10 +123,10 @@ def build_sets(pt: Point, count: int, seed: int) -> list[InputSet]:
     sets = []
     for r in range(count):
         kc, kq = jax.random.split(jax.random.key(seed * 7919 + r))
-        cache = C.make_paged_cache(kc, batch=pt.batch, max_len=pt.max_len,
-                                   num_kv_heads=pt.hkv, head_dim=pt.d, page_size=pt.page,
-                                   dtype=pt.kv, seq_lens=lens)
-        q = C.random_array(kq, (pt.batch * pt.q_len, pt.hq, pt.d), jnp.bfloat16)
+        cache = DI.make_paged_cache(kc, batch=pt.batch, max_len=pt.max_len,
+                                    num_kv_heads=pt.hkv, head_dim=pt.d, page_size=pt.page,
+                                    dtype=pt.kv, seq_lens=lens)
+        q = DI.random_normal(kq, (pt.batch * pt.q_len, pt.hq, pt.d), "bf16")
         sets.append(InputSet(q, cache))
     return sets
 

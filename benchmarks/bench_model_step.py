@@ -52,6 +52,9 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
 
+C.add_tests_to_path()
+import device_inputs as DI  # noqa: E402
+
 import jax_paged_attn as jpa  # noqa: E402
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
@@ -229,22 +232,19 @@ def _iso_decode_append(caches, qs, nks, nvs, bt, sl, slots):
 
 
 def _inputs(args, key):
-    caches = [C.make_paged_cache(jax.random.fold_in(key, i), batch=args.batch,
-                                 max_len=args.len, num_kv_heads=HKV, head_dim=D,
-                                 page_size=PAGE) for i in range(args.layers)]
-    k_stack = jnp.stack([c.k for c in caches])
-    v_stack = jnp.stack([c.v for c in caches])
-    bt, sl = caches[0].block_tables, caches[0].seq_lens
-    del caches
+    kc, kq, knk, knv = jax.random.split(key, 4)
+    # Fresh random pages in every layer, one block table for all of them.
+    cache = DI.make_paged_cache(kc, batch=args.batch, max_len=args.len, num_kv_heads=HKV,
+                                head_dim=D, page_size=PAGE, layers=args.layers)
+    bt, sl = cache.block_tables, cache.seq_lens
     pos = sl - 1  # each request's newest token: the one the step appends
     slots = (jnp.take_along_axis(bt, (pos // PAGE)[:, None], axis=1)[:, 0] * PAGE
              + pos % PAGE).astype(jnp.int32)
     shape = (args.layers, args.batch, HKV, D)
     return dict(
-        q=C.random_array(jax.random.fold_in(key, 999), (args.layers, args.batch, HQ, D)),
-        k=k_stack, v=v_stack, bt=bt, sl=sl, slots=slots,
-        new_k=C.random_array(jax.random.fold_in(key, 1001), shape),
-        new_v=C.random_array(jax.random.fold_in(key, 1002), shape))
+        q=DI.random_normal(kq, (args.layers, args.batch, HQ, D), "bf16"),
+        k=cache.k, v=cache.v, bt=bt, sl=sl, slots=slots,
+        new_k=DI.random_normal(knk, shape, "bf16"), new_v=DI.random_normal(knv, shape, "bf16"))
 
 
 def _isolated(x, timer, reps):

@@ -33,6 +33,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import common as C  # noqa: E402
 
+C.add_tests_to_path()
+import cases  # noqa: E402
+import device_inputs as DI  # noqa: E402
+
 IMPLS = ("ours", "cudnn", "cudnn-dense", "cudnn-paged", "pallas", "xla")
 DEFAULT_IMPLS = ("ours", "cudnn", "xla")
 REL_TOL = 2e-2
@@ -81,16 +85,16 @@ def points(quick: bool, smoke: bool) -> list[Point]:
 @dataclasses.dataclass
 class Inputs:
     q: jax.Array                  # [B*L, Hq, D]
-    cache: C.PagedCache
+    cache: DI.PagedCache
     cu_seqlens: jax.Array         # [B+1]
 
 
 def build_inputs(pt: Point, seed: int) -> Inputs:
     kc, kq = jax.random.split(jax.random.key(seed * 104729 + 7))
-    cache = C.make_paged_cache(kc, batch=pt.batch, max_len=pt.length, num_kv_heads=pt.hkv,
-                               head_dim=pt.d, page_size=pt.page)
-    q = C.random_array(kq, (pt.batch * pt.length, pt.hq, pt.d), jnp.bfloat16)
-    cu = jnp.asarray(np.arange(pt.batch + 1, dtype=np.int32) * pt.length)
+    cache = DI.make_paged_cache(kc, batch=pt.batch, max_len=pt.length, num_kv_heads=pt.hkv,
+                                head_dim=pt.d, page_size=pt.page)
+    q = DI.random_normal(kq, (pt.batch * pt.length, pt.hq, pt.d), "bf16")
+    cu = jnp.asarray(cases.cu_seqlens(np.full(pt.batch, pt.length)).astype(np.int32))
     return Inputs(q, cache, cu)
 
 
@@ -129,8 +133,8 @@ def build_cudnn_dense(pt, x):
     #   is_causal, implementation="cudnn"): GQA when N % K == 0. The pages are gathered into
     # contiguous [B, L, Hkv, D] copies outside the timed region.
     b, L, hq, d = pt.batch, pt.length, pt.hq, pt.d
-    kd = C.dense_kv(x.cache.k, x.cache.block_tables)
-    vd = C.dense_kv(x.cache.v, x.cache.block_tables)
+    kd = DI.dense_kv(x.cache.k, x.cache.block_tables)
+    vd = DI.dense_kv(x.cache.v, x.cache.block_tables)
     jax.block_until_ready((kd, vd))
     scale = 1.0 / math.sqrt(d)
 

@@ -1,4 +1,6 @@
-"""Shared helpers for the benchmarks: device facts, timing, data, output.
+"""Shared helpers for the benchmarks: device facts, timing, checks, output. Their inputs come
+from tests/device_inputs.py (values on the device, metadata from tests/cases.py): each
+benchmark puts tests/ on sys.path (``add_tests_to_path``) and imports it.
 
 Timing (DESIGN.md §5, device METHOD.md):
   * Primary: CUPTI kernel times through `jax.experimental.mosaic.gpu.profiler.measure`
@@ -36,6 +38,15 @@ MiB = 1 << 20
 
 
 # ------------------------------------------------------------------------------ environment
+
+
+TESTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+
+
+def add_tests_to_path() -> None:
+    """Makes tests/cases.py and tests/device_inputs.py (the input builders) importable."""
+    if TESTS_DIR not in sys.path:
+        sys.path.insert(0, TESTS_DIR)
 
 
 def on_gpu() -> bool:
@@ -445,88 +456,6 @@ def measure_matmul_ceiling(timer: Timer, n: int = 8192) -> dict:
     finally:
         free(a, b)
     return res
-
-
-# ------------------------------------------------------------------------------ data
-
-
-DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp8": jnp.float8_e4m3fn,
-          "f32": jnp.float32}
-
-
-@dataclasses.dataclass
-class PagedCache:
-    """One paged KV cache in NHD layout [P, page, Hkv, D], pool sized exactly B x n pages
-    (n = ceil(max_len / page)), pages of each request a random permutation of the pool."""
-    k: jax.Array
-    v: jax.Array
-    block_tables: jax.Array      # int32 [B, n]
-    seq_lens: jax.Array          # int32 [B]
-    page_size: int
-    k_scale: float | None = None  # fp8 only
-    v_scale: float | None = None
-    k_deq: jax.Array | None = None  # fp8 only: the same values dequantized to bf16
-    v_deq: jax.Array | None = None
-
-    @property
-    def num_pages(self) -> int:
-        return int(self.k.shape[0])
-
-    @property
-    def pages_per_req(self) -> int:
-        return int(self.block_tables.shape[1])
-
-    def arrays(self):
-        return [self.k, self.v, self.block_tables, self.seq_lens, self.k_deq, self.v_deq]
-
-
-def random_seq_lens(seed: int, batch: int, lo: int, hi: int) -> np.ndarray:
-    """Uniform integer lengths in [lo, hi], reproducible."""
-    return np.random.default_rng(seed).integers(lo, hi + 1, size=batch).astype(np.int32)
-
-
-def make_paged_cache(key, *, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
-                     page_size: int, dtype: str = "bf16", seq_lens=None,
-                     fp8_scale: float = 0.5) -> PagedCache:
-    """Fresh random paged cache. With dtype "fp8", pages hold N(0,1)/scale in float8_e4m3fn,
-    k_scale = v_scale = fp8_scale (a power of two, so fp8 * scale is exact in bf16), and
-    k_deq/v_deq carry those dequantized values in bf16 for peers without fp8."""
-    n = -(-max_len // page_size)
-    num_pages = batch * n
-    kp, kk, kv = jax.random.split(key, 3)
-    perm = jax.random.permutation(kp, num_pages).astype(jnp.int32).reshape(batch, n)
-    shape = (num_pages, page_size, num_kv_heads, head_dim)
-    if seq_lens is None:
-        seq_lens = np.full((batch,), max_len, np.int32)
-    seq_lens = jnp.asarray(np.asarray(seq_lens, np.int32))
-    if dtype == "fp8":
-        f8 = jnp.float8_e4m3fn
-
-        def quant(k):
-            return (jax.random.normal(k, shape, jnp.float32) / fp8_scale).astype(f8)
-
-        kq, vq = jax.jit(quant)(kk), jax.jit(quant)(kv)
-        deq = jax.jit(lambda a: (a.astype(jnp.float32) * fp8_scale).astype(jnp.bfloat16))
-        cache = PagedCache(kq, vq, perm, seq_lens, page_size, fp8_scale, fp8_scale,
-                           deq(kq), deq(vq))
-    else:
-        dt = DTYPES[dtype]
-        cache = PagedCache(jax.random.normal(kk, shape, dt), jax.random.normal(kv, shape, dt),
-                           perm, seq_lens, page_size)
-    jax.block_until_ready([a for a in cache.arrays() if a is not None])
-    return cache
-
-
-def random_array(key, shape, dtype=jnp.bfloat16):
-    return jax.random.normal(key, shape, dtype)
-
-
-@jax.jit
-def dense_kv(pages, block_tables):
-    """[B, n*page, Hkv, D] contiguous copy of each request's NHD pages (for dense peers)."""
-    g = pages[block_tables]                        # [B, n, page, Hkv, D]
-    b, n, p, h, d = g.shape
-    return g.reshape(b, n * p, h, d)
 
 
 # ------------------------------------------------------------------------------ checks

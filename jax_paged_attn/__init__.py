@@ -6,6 +6,7 @@ from jax import export as _export
 from . import _registry, reference
 from .api import append_kv, paged_decode, paged_prefill
 from .metadata import check_metadata
+from .ragged import ragged_append_kv, ragged_paged_attention
 from .views import StridedView, split_qkv
 
 # Pass as `jax.export.export(fn, disabled_checks=EXPORT_DISABLED_CHECKS)`: our custom calls
@@ -18,5 +19,6 @@ EXPORT_DISABLED_CHECKS = [_export.DisabledSafetyCheck.custom_call(name)
 _registry.register_if_built()
 
 __all__ = ["paged_decode", "paged_prefill", "append_kv", "StridedView", "split_qkv",
-           "check_metadata", "reference", "EXPORT_DISABLED_CHECKS"]
+           "check_metadata", "reference", "EXPORT_DISABLED_CHECKS", "ragged_paged_attention",
+           "ragged_append_kv"]
 __version__ = "0.1.0"

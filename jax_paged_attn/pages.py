@@ -30,7 +30,9 @@ _MAX_SLOTS = 2**31
 
 
 # kv_layout names and the codes the kernels receive as the `kv_layout` attribute.
-LAYOUT_CODES = {"NHD": 0, "HND": 1}
+# "interleaved": one array [P, page, 2*Hkv, D] whose combined head 2h is K head h and 2h+1
+# V head h (the layout of JAX's TPU ragged_paged_attention); always combined (v_pages=None).
+LAYOUT_CODES = {"NHD": 0, "HND": 1, "interleaved": 2}
 LAYOUT_NAMES = {code: name for name, code in LAYOUT_CODES.items()}
 
 
@@ -40,8 +42,10 @@ def _fail_layer(msg, exc=ValueError):
 
 def page_geometry(shape, kv_layout: str, combined: bool) -> tuple[int, int, int, int]:
     """(num_pages, page_size, num_kv_heads, head_dim) of a page array of `shape`: "NHD" is
-    [P, page, Hkv, D], "HND" [P, Hkv, page, D], after the [P, 2] prefix of combined pages.
-    Shapes only; callers check ranks first."""
+    [P, page, Hkv, D], "HND" [P, Hkv, page, D], after the [P, 2] prefix of combined pages;
+    "interleaved" is [P, page, 2*Hkv, D]. Shapes only; callers check ranks first."""
+    if kv_layout == "interleaved":
+        return int(shape[0]), int(shape[1]), int(shape[2]) // 2, int(shape[3])
     geom = tuple(shape[2:]) if combined else tuple(shape[1:])
     page_size, num_heads = (geom[0], geom[1]) if kv_layout == "NHD" else (geom[1], geom[0])
     return int(shape[0]), int(page_size), int(num_heads), int(geom[2])
@@ -122,7 +126,8 @@ class LayerStack:
         return jnp.where(inside, slot_mapping + self.first_page * self.page_size, -1)
 
 
-_PAGE_DIMS = {"NHD": ["page_size", "Hkv", "D"], "HND": ["Hkv", "page_size", "D"]}
+_PAGE_DIMS = {"NHD": ["page_size", "Hkv", "D"], "HND": ["Hkv", "page_size", "D"],
+              "interleaved": ["page_size", "2*Hkv", "D"]}
 
 
 class PagePool:
@@ -137,7 +142,9 @@ class PagePool:
         """Checks the page operands. `flatten=False` (the reference) only checks and reads
         the geometry; the operands are left as given."""
         if kv_layout not in LAYOUT_CODES:
-            fail("kv_layout", f"expected 'NHD' or 'HND', got {kv_layout!r}")
+            fail("kv_layout", f"expected 'NHD', 'HND' or 'interleaved', got {kv_layout!r}")
+        if kv_layout == "interleaved" and v_pages is not None:
+            fail("v_pages", "interleaved pages hold K and V in one array: pass v_pages=None")
         require_array(k_pages, "k_pages")
         if isinstance(k_pages, StridedView) or isinstance(v_pages, StridedView):
             fail("k_pages", "pages must be plain arrays (their strides come from kv_layout)",
@@ -148,7 +155,8 @@ class PagePool:
         self.combined = v_pages is None
         stacked = layer is not None
         shape = tuple(k_pages.shape)
-        dims = ((["num_layers"] if stacked else []) + ["P"] + (["2"] if self.combined else [])
+        kv_axis = self.combined and kv_layout != "interleaved"
+        dims = ((["num_layers"] if stacked else []) + ["P"] + (["2"] if kv_axis else [])
                 + _PAGE_DIMS[kv_layout])
         rank = len(dims)
         if len(shape) != rank:
@@ -159,7 +167,10 @@ class PagePool:
             fail("k_pages", f"{what} must be rank {rank} [{', '.join(dims)}] ({kv_layout}"
                              f"{', layer given' if stacked else ''}), got shape {shape}{hint}")
         lead = 1 if stacked else 0
-        if self.combined and shape[lead + 1] != 2:
+        if kv_layout == "interleaved" and shape[lead + 2] % 2:
+            fail("k_pages", f"interleaved pages need an even number of combined heads "
+                            f"(2*Hkv), got {shape}")
+        if kv_axis and shape[lead + 1] != 2:
             fail("k_pages", f"combined pages need axis {lead + 1} of size 2 (K, V), got "
                              f"{shape}")
         if not self.combined:

@@ -8,13 +8,14 @@ base buffer, with its shape, offset and strides as static parameters.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from . import _registry, _workspace, compat
-from .pages import page_geometry
+from .pages import LAYOUT_NAMES, page_geometry
 from .views import StridedView
 
 # ----------------------------------------------------------------------------- primitives
@@ -96,8 +97,7 @@ def _cuda_attention_lowering(name, is_decode):
         t, hq, d = params["q_shape"]
         bt = ctx.avals_in[3]
         _, page_size, num_kv_heads, _ = page_geometry(
-            ctx.avals_in[1].shape, "NHD" if params["kv_layout"] == 0 else "HND",
-            params["kv_combined"])
+            ctx.avals_in[1].shape, LAYOUT_NAMES[params["kv_layout"]], params["kv_combined"])
         nbytes = _workspace.cuda_workspace_bytes(
             is_decode=is_decode, num_tokens=t, num_q_heads=hq, head_dim=d, batch=bt.shape[0],
             max_pages_per_req=bt.shape[1], page_size=page_size,
@@ -181,11 +181,22 @@ def _map_fallback(prim, args, dims, params):
     return list(outs), [0] * len(outs)
 
 
+class DecodeOperands(NamedTuple):
+    """The decode primitive's operands, in bind order (api.paged_decode)."""
+
+    q_base: object
+    k_pages: object
+    v_pages: object
+    block_tables: object
+    seq_lens: object
+    scales: object
+    sinks: object
+
+
 def _decode_batch(args, dims, **params):
     nm = compat.NOT_MAPPED
-    q_base, k, v, bt, sl, scales, sinks = args
-    dq, dk, dv, dbt, dsl, dsc, dsi = dims
-    if any(d is not nm for d in (dk, dv, dsc, dsi)):
+    ops, bdims = DecodeOperands(*args), DecodeOperands(*dims)
+    if any(d is not nm for d in (bdims.k_pages, bdims.v_pages, bdims.scales, bdims.sinks)):
         return _map_fallback(decode_p, args, dims, params)
     # Shared cache: fold the vmapped axis into the batch (one kernel call for all of it).
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not nm)
@@ -195,16 +206,20 @@ def _decode_batch(args, dims, **params):
         return StridedView(base, params["q_shape"], (*params["q_strides"], 1),
                            params["q_offset"]).materialize()
 
-    if dq is nm:
-        q = jnp.broadcast_to(dense_q(q_base), (size, t, hq, d))
+    def per_example(x, bdim):
+        return jnp.broadcast_to(x, (size, *x.shape)) if bdim is nm else jnp.moveaxis(x, bdim, 0)
+
+    if bdims.q_base is nm:
+        q = jnp.broadcast_to(dense_q(ops.q_base), (size, t, hq, d))
     else:
-        q = jax.vmap(dense_q)(jnp.moveaxis(q_base, dq, 0))
-    bt = jnp.broadcast_to(bt, (size, *bt.shape)) if dbt is nm else jnp.moveaxis(bt, dbt, 0)
-    sl = jnp.broadcast_to(sl, (size, *sl.shape)) if dsl is nm else jnp.moveaxis(sl, dsl, 0)
+        q = jax.vmap(dense_q)(jnp.moveaxis(ops.q_base, bdims.q_base, 0))
+    bt = per_example(ops.block_tables, bdims.block_tables)
+    sl = per_example(ops.seq_lens, bdims.seq_lens)
     q = q.reshape(size * t, hq, d)
     new = dict(params, q_shape=(size * t, hq, d), q_offset=0, q_strides=(hq * d, d))
-    out, lse = decode_p.bind(q, k, v, bt.reshape(-1, bt.shape[-1]), sl.reshape(-1), scales,
-                             sinks, **new)
+    folded = ops._replace(q_base=q, block_tables=bt.reshape(-1, bt.shape[-1]),
+                          seq_lens=sl.reshape(-1))
+    out, lse = decode_p.bind(*folded, **new)
     return [out.reshape(size, t, hq, d), lse.reshape(size, t, hq)], [0, 0]
 
 

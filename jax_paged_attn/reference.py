@@ -30,7 +30,6 @@ _STEP_BUDGET_BYTES = 512 << 20
 # The oracle must not silently use TF32 (the GPU default for float32 dots).
 _HIGHEST = jax.lax.Precision.HIGHEST
 
-_LAYOUTS = ("NHD", "HND")
 
 
 # --------------------------------------------------------------------------------------------
@@ -57,7 +56,10 @@ def _gather_pages(k_pages, v_pages, page_ids, kv_layout):
     """K and V of the pages `page_ids` ([M], already inside [0, P)) as [M * page_size, Hkv, D]
     in key order, in the stored dtype. Gathering before splitting combined pages avoids
     copying the whole cache."""
-    if v_pages is None:
+    if kv_layout == "interleaved":             # [M, page, 2*Hkv, D]: K even, V odd heads
+        both = k_pages[page_ids]
+        k, v = both[:, :, 0::2], both[:, :, 1::2]
+    elif v_pages is None:
         both = k_pages[page_ids]              # [M, 2, ...]
         k, v = both[:, 0], both[:, 1]
     else:
@@ -429,6 +431,9 @@ def _append_pages(k_pages, v_pages, k, v, slot, kv_layout, k_scale, v_scale):
     vq = _quantize(v, v_scale, k_pages.dtype)
 
     # Each index expression below selects a [T, Hkv, D] block (advanced indices first).
+    if kv_layout == "interleaved":
+        kv = k_pages.at[page, off, 0::2].set(kq, mode="drop")
+        return kv.at[page, off, 1::2].set(vq, mode="drop"), None
     if v_pages is None:
         if kv_layout == "NHD":
             kv = k_pages.at[page, 0, off].set(kq, mode="drop")

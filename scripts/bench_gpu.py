@@ -20,11 +20,13 @@ import time
 import numpy as np
 
 _ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, _ROOT)
+sys.path[:0] = [_ROOT, os.path.join(_ROOT, "tests")]
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+import cases  # noqa: E402
+import device_inputs as DI  # noqa: E402
 import jax_paged_attn as jpa  # noqa: E402
 from jax_paged_attn import reference as ref  # noqa: E402
 
@@ -60,18 +62,18 @@ def read_ceiling():
     return 2 * (1 << 30) / (ms * 1e-3) / 1e9, how
 
 
-def decode_inputs(B, L, hq=32, hkv=8, d=128, ps=16, dtype=jnp.bfloat16, seed=0):
-    pages_per = L // ps
-    P = B * pages_per
-    key = jax.random.PRNGKey(seed)
-    k1, k2, k3 = jax.random.split(key, 3)
-    kp = jax.random.normal(k1, (P, ps, hkv, d), jnp.float32).astype(dtype)
-    vp = jax.random.normal(k2, (P, ps, hkv, d), jnp.float32).astype(dtype)
-    q = jax.random.normal(k3, (B, hq, d), jnp.float32).astype(dtype)
-    perm = np.random.default_rng(seed).permutation(P).astype(np.int32)
-    bt = jnp.asarray(perm.reshape(B, pages_per))
-    sl = jnp.full((B,), L, jnp.int32)
-    return q, kp, vp, bt, sl
+def paged_inputs(B, L, q_rows, hq=32, hkv=8, d=128, ps=16, dtype="bf16", seed=0):
+    """(q [q_rows, hq, d], k_pages, v_pages, block_tables, seq_lens): B requests of L
+    tokens in an exactly sized pool of NHD pages (tests/device_inputs.py)."""
+    kc, kq = jax.random.split(jax.random.key(seed))
+    c = DI.make_paged_cache(kc, batch=B, max_len=L, num_kv_heads=hkv, head_dim=d,
+                            page_size=ps, dtype=dtype)
+    q = DI.random_normal(kq, (q_rows, hq, d), dtype)
+    return q, c.k, c.v, c.block_tables, c.seq_lens
+
+
+def decode_inputs(B, L, **kw):
+    return paged_inputs(B, L, B, **kw)
 
 
 def bench_decode(ceiling, rows, with_ref):
@@ -96,16 +98,9 @@ def bench_decode(ceiling, rows, with_ref):
 
 def bench_prefill(rows, with_ref):
     for (B, S) in [(4, 2048), (1, 8192)]:
-        hq, hkv, d, ps = 32, 8, 128, 16
-        key = jax.random.PRNGKey(1)
-        k1, k2, k3 = jax.random.split(key, 3)
-        P = B * S // ps
-        kp = jax.random.normal(k1, (P, ps, hkv, d), jnp.float32).astype(jnp.bfloat16)
-        vp = jax.random.normal(k2, (P, ps, hkv, d), jnp.float32).astype(jnp.bfloat16)
-        q = jax.random.normal(k3, (B * S, hq, d), jnp.float32).astype(jnp.bfloat16)
-        bt = jnp.asarray(np.random.default_rng(1).permutation(P).astype(np.int32).reshape(B, -1))
-        sl = jnp.full((B,), S, jnp.int32)
-        cu = jnp.asarray(np.arange(B + 1, dtype=np.int32) * S)
+        hq, d = 32, 128
+        q, kp, vp, bt, sl = paged_inputs(B, S, B * S, hq=hq, d=d, seed=1)
+        cu = jnp.asarray(cases.cu_seqlens(np.full(B, S)).astype(np.int32))
         flops = 4 * B * (S * (S + 1) / 2) * hq * d
         for tile_rows in ("", "64"):  # default shape (128 rows), then the 64-row shape
             os.environ["JPA_CUDA_TILE_ROWS"] = tile_rows

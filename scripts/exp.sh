@@ -27,14 +27,23 @@ for ev in "${envs[@]}"; do
 done
 # VARIANTS: ';'-separated "file|sed-expression" patches, each rebuilt and rerun.
 IFS=';' read -r -a vars <<<"${VARIANTS:-}"
+# Each patch is undone before the next one and on any exit, so no tracked source stays
+# edited (the pristine copies live outside the tree).
+BACKUP=$(mktemp -d)
+restore() { [ -n "${patched:-}" ] && cp "$BACKUP/orig" "$patched"; patched=; }
+trap 'restore; rm -rf "$BACKUP"' EXIT
 for v in "${vars[@]}"; do
   f=${v%%|*}; e=${v#*|}
+  cp "$f" "$BACKUP/orig"; patched=$f
   sed -i "$e" "$f"
   bash scripts/gpu_check.sh build >>"$OUT/check.log" 2>&1
   python3 benchmarks/bench_decode.py --extra --impls ours --reps 20 --only "$POINTS" \
     --out "$OUT/b$i" >"$OUT/bench$i.log" 2>&1
   echo "bench$i: $v" >>"$OUT/check.log"
+  restore
   i=$((i+1))
 done
+# Rebuild the unpatched sources so a later call does not run the last variant's objects.
+[ "${#vars[@]}" -gt 0 ] && bash scripts/gpu_check.sh build >>"$OUT/check.log" 2>&1
 for f in "$OUT"/bench*.log; do echo "== $f"; grep -E "^\| (grid|fp8|D64|ragged|latency|D256|page64|Hq64|qlen4)" "$f"; done
 echo "total $(( $(date +%s) - T0 ))s"

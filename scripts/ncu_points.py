@@ -7,6 +7,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 
 import common as C  # noqa: E402
+
+C.add_tests_to_path()
+import device_inputs as DI  # noqa: E402
 import jax_paged_attn as jpa  # noqa: E402
 
 POINTS = {"fp8": dict(batch=128, max_len=2048, d=128, kv="fp8"),
@@ -16,11 +19,10 @@ POINTS = {"fp8": dict(batch=128, max_len=2048, d=128, kv="fp8"),
 
 for name in sys.argv[1:]:
     pt = POINTS[name]
-    key = jax.random.PRNGKey(0)
-    cache = C.make_paged_cache(key, batch=pt["batch"], max_len=pt["max_len"], num_kv_heads=8,
-                               head_dim=pt["d"], page_size=16,
-                               dtype=pt["kv"])
-    q = C.random_array(jax.random.fold_in(key, 1), (pt["batch"], 32, pt["d"]))
+    kc, kq = jax.random.split(jax.random.key(0))
+    cache = DI.make_paged_cache(kc, batch=pt["batch"], max_len=pt["max_len"], num_kv_heads=8,
+                                head_dim=pt["d"], page_size=16, dtype=pt["kv"])
+    q = DI.random_normal(kq, (pt["batch"], 32, pt["d"]), "bf16")
     f = jax.jit(lambda q, k, v, bt, sl: jpa.paged_decode(q, k, v, bt, sl))
     jax.block_until_ready(f(q, cache.k, cache.v, cache.block_tables, cache.seq_lens))
     print("ran", name, flush=True)

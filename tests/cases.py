@@ -1,4 +1,4 @@
-"""Test-case generation shared by the CPU suite and any device suite.
+"""Test-case generation shared by the CPU suite, the GPU suite, the scripts and the benchmarks.
 
 Everything here is plain Python + numpy: a case is a frozen ``AttnCase`` (one point of the
 option grid), ``make_inputs(case)`` turns it into random numpy operands (fresh values drawn
@@ -6,6 +6,15 @@ from a ``numpy.random.Generator`` seeded by ``case.seed``; never zeros), and ``r
 ``run_reference`` put those operands on a device and call an implementation. A GPU suite
 reuses the same grid with ``run(..., device=gpu)`` and, where it must, a
 ``dataclasses.replace(case, head_dim=128)``.
+
+This module is the one home of runtime metadata: request lengths (``grid_lengths`` for the
+small grid, ``long_lengths`` for large shapes, ``uniform_seq_lens``), the rows they own
+(``cu_seqlens``, ``token_rows``), block tables (``build_block_tables``: distinct pages in a
+random order, garbage in never-needed entries; ``pool_block_tables``: the benchmarks' exact
+pool), the keyword options of a case (``case_kwargs``) and the assembly of an ``Inputs``
+(``make_metadata``, ``assemble_inputs``). Values drawn on a device with ``jax.random`` (sizes
+where numpy would be slow) live in the sibling ``device_inputs.py``, which builds on these;
+this file stays importable without jax.
 
 ``invalid_requests`` / ``row_ranges`` restate docs/semantics.md ("Rows and requests",
 "Invalid runtime metadata") in plain Python, as an oracle independent of the reference.
@@ -223,11 +232,50 @@ def build_block_tables(rng, kv_lens, q_lens, page_size, window_left, garbage, ex
     return bt.astype(np.int32), num_pages
 
 
-def make_inputs(case: AttnCase) -> Inputs:
-    """Random operands for ``case`` (numpy; deterministic in ``case.seed``)."""
-    rng = np.random.default_rng(case.seed)
-    B, Hkv, Hq, D, ps = case.batch, case.num_kv_heads, case.num_q_heads, case.head_dim, case.page_size
+def pool_block_tables(rng, batch, capacity, page_size):
+    """(block tables, num_pages) of an exactly sized pool: each request owns
+    ceil(capacity / page_size) distinct pages, the pool is batch x that many pages (what
+    cuDNN's paged attention requires), in a random physical order; every entry valid."""
+    full = np.full(batch, capacity, np.int64)
+    return build_block_tables(rng, full, np.ones(batch, np.int64), page_size, -1,
+                              garbage=False, extra_pages=0, extra_cols=0)
 
+
+def uniform_seq_lens(seed: int, batch: int, lo: int, hi: int) -> np.ndarray:
+    """Uniform integer lengths in [lo, hi] (int32), reproducible in ``seed``."""
+    return np.random.default_rng(seed).integers(lo, hi + 1, size=batch).astype(np.int32)
+
+
+def cu_seqlens(q_lens, pad_front=0) -> np.ndarray:
+    """[B + 1] int64 row offsets of requests with these q lengths, after pad_front rows."""
+    return np.concatenate([[0], np.cumsum(np.asarray(q_lens, np.int64))]) + pad_front
+
+
+def token_rows(kind, q_lens, pad_front=0, pad_back=0):
+    """(cu_seqlens_q or None, num_tokens, row_owner): the rows of each request. Decode: the
+    requests' q_len_per_req rows back to back (every q_lens entry equal); prefill: rows
+    cu[b]:cu[b+1] after pad_front padding rows, pad_back padding rows at the end."""
+    q_lens = np.asarray(q_lens, np.int64)
+    B = len(q_lens)
+    if kind == "decode":
+        n = int(q_lens[0]) if B else 1
+        return None, B * n, np.repeat(np.arange(B), n)
+    if kind != "prefill":
+        raise ValueError(kind)
+    cu = cu_seqlens(q_lens, pad_front)
+    T = int(cu[-1]) + pad_back
+    row_owner = np.full(T, -1, np.int64)
+    for b in range(B):
+        row_owner[cu[b]:cu[b + 1]] = b
+    return cu, T, row_owner
+
+
+def grid_lengths(rng, case: AttnCase):
+    """(q_lens, kv_lens) [B] int64 of the small grid: decode kv_lens in [n, max_kv_len]
+    with the shortest possible request first and one ending on a page boundary; prefill
+    q_lens in [1, max_q_len] over some context, the first request all new tokens, q_len 0
+    requests with ``zero_q_lens``."""
+    B, ps = case.batch, case.page_size
     if case.kind == "decode":
         n = case.q_len_per_req
         q_lens = np.full(B, n, np.int64)
@@ -235,52 +283,83 @@ def make_inputs(case: AttnCase) -> Inputs:
         kv_lens[0] = n  # shortest possible request
         if B >= 3 and (int(kv_lens[2]) // ps) * ps >= n:  # one request ending on a page boundary
             kv_lens[2] = (int(kv_lens[2]) // ps) * ps
-        T = B * n
-        cu = None
-        row_owner = np.repeat(np.arange(B), n)
-    elif case.kind == "prefill":
-        q_lens = rng.integers(1, case.max_q_len + 1, size=B)
-        ctx = rng.integers(0, max(case.max_kv_len - case.max_q_len, 0) + 1, size=B)
-        ctx[0] = 0  # kv_len == q_len: the whole request is new tokens
-        if case.zero_q_lens:
-            q_lens[min(1, B - 1)] = 0  # q_len 0 with some context
-            if B >= 4:
-                q_lens[3] = 0
-                ctx[3] = 0  # q_len 0 and kv_len 0
-        kv_lens = q_lens + ctx
-        cu = np.concatenate([[0], np.cumsum(q_lens)]) + case.pad_front
-        T = int(cu[-1]) + case.pad_back
-        row_owner = np.full(T, -1, np.int64)
-        for b in range(B):
-            row_owner[cu[b]:cu[b + 1]] = b
-    else:
+        return q_lens, kv_lens
+    if case.kind != "prefill":
         raise ValueError(case.kind)
+    q_lens = rng.integers(1, case.max_q_len + 1, size=B)
+    ctx = rng.integers(0, max(case.max_kv_len - case.max_q_len, 0) + 1, size=B)
+    ctx[0] = 0  # kv_len == q_len: the whole request is new tokens
+    if case.zero_q_lens:
+        q_lens[min(1, B - 1)] = 0  # q_len 0 with some context
+        if B >= 4:
+            q_lens[3] = 0
+            ctx[3] = 0  # q_len 0 and kv_len 0
+    return q_lens, q_lens + ctx
 
-    bt, num_pages = build_block_tables(rng, kv_lens, q_lens, ps, case.window_left,
-                                       case.garbage_tables, case.extra_pages)
-    k_nhd, v_nhd = make_pages(rng, num_pages, ps, Hkv, D, case.kv_dtype)
-    k_pages, v_pages = pack_pages(k_nhd, v_nhd, case.kv_layout, case.combined)
-    q = _rand(rng, (T, Hq, D), DTYPES[case.q_dtype])
 
-    args = [q, k_pages, v_pages, bt, kv_lens.astype(np.int32)]
-    if cu is not None:
-        args.append(cu.astype(np.int32))
+def long_lengths(rng, case: AttnCase, q_lens=None, min_kv=None):
+    """(q_lens, kv_lens) [B] int64 of large shapes, the longest request first. Decode:
+    kv_lens in [max(n, min_kv), max_kv_len], request 0 exactly max_kv_len. Prefill: the
+    given ``q_lens`` over a context in [0, max_kv_len - max(q_lens)], request 0 reaching
+    max_kv_len."""
+    B, L = case.batch, case.max_kv_len
+    if case.kind == "decode":
+        n = case.q_len_per_req
+        kv_lens = rng.integers(max(n, min_kv or n), L + 1, size=B)
+        kv_lens[0] = L
+        return np.full(B, n, np.int64), kv_lens
+    ql = np.asarray(q_lens, np.int64)
+    ctx = rng.integers(0, max(L - int(ql.max()), 0) + 1, size=B)
+    ctx[0] = max(0, L - int(ql[0]))
+    return ql, ql + ctx
 
+
+@dataclasses.dataclass
+class Metadata:
+    """Lengths, rows and block tables of one batch of requests (numpy)."""
+
+    q_lens: np.ndarray  # [B] int64
+    kv_lens: np.ndarray  # [B] int64
+    cu_seqlens_q: np.ndarray | None  # [B + 1] int64, prefill only
+    num_tokens: int
+    row_owner: np.ndarray  # [T] request owning each row, -1 for padding
+    block_tables: np.ndarray  # [B, M] int32
+    num_pages: int
+
+
+def make_metadata(rng, case: AttnCase, q_lens, kv_lens, extra_cols=1) -> Metadata:
+    """The rows and block tables of ``case`` for these lengths (tables as
+    ``build_block_tables`` with the case's window, garbage and extra pages)."""
+    cu, T, row_owner = token_rows(case.kind, q_lens, case.pad_front, case.pad_back)
+    bt, num_pages = build_block_tables(rng, kv_lens, q_lens, case.page_size, case.window_left,
+                                       case.garbage_tables, case.extra_pages, extra_cols)
+    return Metadata(q_lens=q_lens, kv_lens=kv_lens, cu_seqlens_q=cu, num_tokens=T,
+                    row_owner=row_owner, block_tables=bt, num_pages=num_pages)
+
+
+def _page_kwargs(case) -> dict[str, Any]:
+    """kv_layout / k_scale / v_scale of an AttnCase or AppendCase (defaults left out)."""
     kw: dict[str, Any] = {}
     if case.kv_layout != "NHD":
         kw["kv_layout"] = case.kv_layout
-    if case.scale is not None:
-        kw["scale"] = case.scale
     if case.k_scale is not None:
         kw["k_scale"] = case.k_scale
     if case.v_scale is not None:
         kw["v_scale"] = case.v_scale
+    return kw
+
+
+def case_kwargs(case: AttnCase, q_lens, rng) -> dict[str, Any]:
+    """The keyword options of ``case`` (sinks drawn from ``rng`` as a numpy array)."""
+    kw = _page_kwargs(case)
+    if case.scale is not None:
+        kw["scale"] = case.scale
     if case.window_left != -1:
         kw["window_left"] = case.window_left
     if case.logits_soft_cap is not None:
         kw["logits_soft_cap"] = case.logits_soft_cap
     if case.sinks:
-        kw["sinks"] = _rand(rng, (Hq,), np.float32, std=1.0, mean=0.5)
+        kw["sinks"] = _rand(rng, (case.num_q_heads,), np.float32, std=1.0, mean=0.5)
     if case.return_lse:
         kw["return_lse"] = True
     if case.out_dtype is not None:
@@ -289,13 +368,34 @@ def make_inputs(case: AttnCase) -> Inputs:
         if case.q_len_per_req != 1:
             kw["q_len_per_req"] = case.q_len_per_req
     else:
-        kw["max_q_len"] = int(max(int(q_lens.max()), 1) + case.max_q_len_slack)
+        kw["max_q_len"] = int(max(int(np.max(q_lens)), 1) + case.max_q_len_slack)
         if not case.causal:
             kw["causal"] = False
+    return kw
 
-    return Inputs(case=case, args=tuple(args), kwargs=kw, q_lens=q_lens, kv_lens=kv_lens,
-                  row_owner=row_owner, num_pages=num_pages, page_size=ps,
-                  k_logical=k_nhd, v_logical=v_nhd)
+
+def assemble_inputs(case: AttnCase, rng, meta: Metadata, q, k_pages, v_pages,
+                    k_logical=None, v_logical=None) -> Inputs:
+    """``Inputs`` from metadata and values (numpy or device arrays); draws the sinks."""
+    args = [q, k_pages, v_pages, meta.block_tables, meta.kv_lens.astype(np.int32)]
+    if meta.cu_seqlens_q is not None:
+        args.append(meta.cu_seqlens_q.astype(np.int32))
+    return Inputs(case=case, args=tuple(args), kwargs=case_kwargs(case, meta.q_lens, rng),
+                  q_lens=meta.q_lens, kv_lens=meta.kv_lens, row_owner=meta.row_owner,
+                  num_pages=meta.num_pages, page_size=case.page_size,
+                  k_logical=k_logical, v_logical=v_logical)
+
+
+def make_inputs(case: AttnCase) -> Inputs:
+    """Random operands for ``case`` (numpy; deterministic in ``case.seed``)."""
+    rng = np.random.default_rng(case.seed)
+    q_lens, kv_lens = grid_lengths(rng, case)
+    meta = make_metadata(rng, case, q_lens, kv_lens)
+    k_nhd, v_nhd = make_pages(rng, meta.num_pages, case.page_size, case.num_kv_heads,
+                              case.head_dim, case.kv_dtype)
+    k_pages, v_pages = pack_pages(k_nhd, v_nhd, case.kv_layout, case.combined)
+    q = _rand(rng, (meta.num_tokens, case.num_q_heads, case.head_dim), DTYPES[case.q_dtype])
+    return assemble_inputs(case, rng, meta, q, k_pages, v_pages, k_nhd, v_nhd)
 
 
 # ----------------------------------------------------------------------------- running
@@ -565,14 +665,7 @@ def make_append_inputs(case: AppendCase):
     skip = rng.random(T) < case.skip_fraction
     bad = np.array([-1, -5, P * ps, P * ps + 11, -(2**31), 2**31 - 1], np.int64)
     slots = np.where(skip, bad[rng.integers(0, len(bad), T)], slots)
-    kw = {}
-    if case.kv_layout != "NHD":
-        kw["kv_layout"] = case.kv_layout
-    if case.k_scale is not None:
-        kw["k_scale"] = case.k_scale
-    if case.v_scale is not None:
-        kw["v_scale"] = case.v_scale
-    return (k_pages, v_pages, k, v, slots.astype(np.int32)), kw
+    return (k_pages, v_pages, k, v, slots.astype(np.int32)), _page_kwargs(case)
 
 
 def expected_append(case: AppendCase, k_pages, v_pages, k, v, slots):

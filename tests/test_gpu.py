@@ -27,6 +27,7 @@ jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 
 import cases  # noqa: E402
+import device_inputs  # noqa: E402
 from conftest import assert_bitwise, assert_close  # noqa: E402
 
 
@@ -221,77 +222,9 @@ GPU_PREFILL_GRID = _unique([_to_gpu_case(c) for c in cases.PREFILL_GRID])
 # ----------------------------------------------------------------------------- large inputs
 
 
-def make_big(kind, *, batch, hkv, group, d, ps, q="bf16", kv="bf16", max_kv, min_kv=None,
-             n=1, q_lens=None, layout="NHD", combined=False, seed=0, pad_front=0, pad_back=0,
-             max_q_len_slack=0, extra_cols=1, **opts):
-    """Like cases.make_inputs, at sizes where numpy generation would be slow: pages and q are
-    drawn on the GPU; metadata (block tables with garbage in unneeded entries) as in cases.py.
-    opts: window_left, logits_soft_cap, sinks (bool), scale, k_scale, v_scale, out_dtype,
-    causal, return_lse."""
-    rng = np.random.default_rng(seed)
-    hq = hkv * group
-    if kind == "decode":
-        lo = max(n, min_kv or n)
-        kv_lens = rng.integers(lo, max_kv + 1, size=batch)
-        kv_lens[0] = max_kv
-        ql = np.full(batch, n, np.int64)
-        T, cu, row_owner = batch * n, None, np.repeat(np.arange(batch), n)
-    else:
-        ql = np.asarray(q_lens, np.int64)
-        ctx = rng.integers(0, max(max_kv - int(ql.max()), 0) + 1, size=batch)
-        ctx[0] = max(0, max_kv - int(ql[0]))
-        kv_lens = ql + ctx
-        cu = np.concatenate([[0], np.cumsum(ql)]) + pad_front
-        T = int(cu[-1]) + pad_back
-        row_owner = np.full(T, -1, np.int64)
-        for b in range(batch):
-            row_owner[cu[b]:cu[b + 1]] = b
-    window = opts.get("window_left", -1)
-    bt, num_pages = cases.build_block_tables(rng, kv_lens, ql, ps, window, True, 3,
-                                             extra_cols=extra_cols)
-    key = jax.random.PRNGKey(seed)
-    k1, k2, k3 = jax.random.split(key, 3)
-    std = 1.5 if kv == "fp8" else 1.0
-    shape = (num_pages, ps, hkv, d)
-
-    def pages(k):
-        x = jax.random.normal(k, shape, jnp.float32) * std
-        x = jnp.where(x == 0, 0.125, x).astype(_DT[kv])
-        return jnp.swapaxes(x, 1, 2) if layout == "HND" else x
-
-    with jax.default_device(GPU):
-        kp, vp = pages(k1), pages(k2)
-        if combined:
-            kp, vp = jnp.stack([kp, vp], axis=1), None
-        qa = jax.random.normal(k3, (T, hq, d), jnp.float32).astype(_DT[q])
-    args = [qa, kp, vp, bt, kv_lens.astype(np.int32)]
-    if cu is not None:
-        args.append(cu.astype(np.int32))
-    kw = {"return_lse": opts.get("return_lse", True)}
-    if layout != "NHD":
-        kw["kv_layout"] = layout
-    for name in ("window_left", "logits_soft_cap", "scale", "k_scale", "v_scale"):
-        if opts.get(name) is not None:
-            kw[name] = opts[name]
-    if opts.get("sinks"):
-        kw["sinks"] = (rng.standard_normal(hq).astype(np.float32) + 0.5)
-    if opts.get("out_dtype"):
-        kw["out_dtype"] = _DT[opts["out_dtype"]]
-    if kind == "decode":
-        if n != 1:
-            kw["q_len_per_req"] = n
-    else:
-        kw["max_q_len"] = int(ql.max()) + max_q_len_slack
-        if not opts.get("causal", True):
-            kw["causal"] = False
-    case = cases.AttnCase(kind=kind, batch=batch, num_kv_heads=hkv, group=group, head_dim=d,
-                          page_size=ps, q_dtype=q, kv_dtype=kv, kv_layout=layout,
-                          combined=combined, window_left=window, q_len_per_req=n,
-                          causal=opts.get("causal", True), out_dtype=opts.get("out_dtype"),
-                          seed=seed)
-    return cases.Inputs(case=case, args=tuple(args), kwargs=kw, q_lens=ql, kv_lens=kv_lens,
-                        row_owner=row_owner, num_pages=num_pages, page_size=ps,
-                        k_logical=None, v_logical=None)
+def make_big(kind, **kw):
+    """device_inputs.make_big (cases.py metadata, values drawn on the device) on GPU."""
+    return device_inputs.make_big(kind, device=GPU, **kw)
 
 
 BIG_DECODE = {
@@ -443,8 +376,8 @@ def test_split_qkv_view(kind):
     base = make_big(kind, batch=4, hkv=hkv, group=hq // hkv, d=d, ps=16, max_kv=1500,
                     q_lens=[100, 37, 1, 250], seed=21)
     T = base.num_tokens
-    qkv = jax.random.normal(jax.random.PRNGKey(5), (T, (hq + 2 * hkv) * d), jnp.float32)
-    qkv = jax.device_put(qkv.astype(jnp.bfloat16), GPU)
+    qkv = device_inputs.random_normal(jax.random.key(5), (T, (hq + 2 * hkv) * d), "bf16",
+                                      device=GPU)
     qv, _, _ = jpa.split_qkv(qkv, hq, hkv)
     check(base.with_args(q=qv))
 
@@ -454,8 +387,7 @@ def test_unaligned_view_offset():
     # A view whose offset is not a multiple of 8 elements: the kernels take the scalar path.
     base = make_big("decode", batch=5, hkv=2, group=4, d=64, ps=16, max_kv=700, seed=22)
     T, hq, d = base.q.shape
-    flat = jax.random.normal(jax.random.PRNGKey(6), (T * hq * d + 3,), jnp.float32)
-    flat = jax.device_put(flat.astype(jnp.bfloat16), GPU)
+    flat = device_inputs.random_normal(jax.random.key(6), (T * hq * d + 3,), "bf16", device=GPU)
     qv = jpa.StridedView(flat, (T, hq, d), (hq * d, d, 1), offset=3)
     check(base.with_args(q=qv))
 
@@ -522,8 +454,8 @@ def test_append_strided_views_then_decode_round_trip():
             slots.append(int(bt[b, j // ps]) * ps + j % ps)
             toks.append(b)
     T = len(slots)
-    qkv = jax.random.normal(jax.random.PRNGKey(9), (T, hq + 2 * hkv, d), jnp.float32)
-    qkv = jax.device_put(qkv.astype(jnp.bfloat16), GPU)
+    qkv = device_inputs.random_normal(jax.random.key(9), (T, hq + 2 * hkv, d), "bf16",
+                                      device=GPU)
     _, kview, vview = jpa.split_qkv(qkv, hq, hkv)
     slot_arr = jax.device_put(np.asarray(slots, np.int32), GPU)
 
@@ -538,7 +470,7 @@ def test_append_strided_views_then_decode_round_trip():
                            kview.materialize(), vview.materialize(), slot_arr)
     assert_bitwise(np.asarray(kp2), np.asarray(rk), "k_pages after append")
     assert_bitwise(np.asarray(vp2), np.asarray(rv), "v_pages after append")
-    q = jax.device_put(jax.random.normal(jax.random.PRNGKey(3), (B, hq, d)).astype(jnp.bfloat16), GPU)
+    q = device_inputs.random_normal(jax.random.key(3), (B, hq, d), "bf16", device=GPU)
     out = jpa.paged_decode(q, kp2, vp2, jnp.asarray(bt), jnp.asarray(kv_lens))
     want = ref.paged_decode(q, rk, rv, jnp.asarray(bt), jnp.asarray(kv_lens),
                             out_dtype=np.float32)
@@ -626,10 +558,10 @@ def _stacked_case(seed, layers=4, batch=6, hkv=4, group=4, d=128, ps=16):
     kv_lens[0] = 1
     bt, P = cases.build_block_tables(rng, kv_lens, np.ones(batch, np.int64), ps, -1, True, 3)
     shape = (layers, P, ps, hkv, d)
-    ks = rng.standard_normal(shape, dtype=np.float32).astype(_DT["bf16"])
-    vs = rng.standard_normal(shape, dtype=np.float32).astype(_DT["bf16"])
-    q = rng.standard_normal((layers, batch, hkv * group, d), dtype=np.float32)
-    return q.astype(_DT["bf16"]), ks, vs, bt, kv_lens.astype(np.int32)
+    ks = cases._rand(rng, shape, _DT["bf16"])
+    vs = cases._rand(rng, shape, _DT["bf16"])
+    q = cases._rand(rng, (layers, batch, hkv * group, d), _DT["bf16"])
+    return q, ks, vs, bt, kv_lens.astype(np.int32)
 
 
 @on_shard(0)
@@ -669,8 +601,8 @@ def test_stacked_cache_append_in_a_donated_layer_scan():
     rng = np.random.default_rng(63)
     T = 24
     slots = rng.permutation(P * ps)[:T].astype(np.int32)
-    new_k = rng.standard_normal((L, T, hkv, d), dtype=np.float32).astype(_DT["bf16"])
-    new_v = rng.standard_normal((L, T, hkv, d), dtype=np.float32).astype(_DT["bf16"])
+    new_k = cases._rand(rng, (L, T, hkv, d), _DT["bf16"])
+    new_v = cases._rand(rng, (L, T, hkv, d), _DT["bf16"])
 
     def loop(ks, vs, new_k, new_v, slots):
         def body(carry, xs):

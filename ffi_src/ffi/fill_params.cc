@@ -21,13 +21,37 @@ DType ToDType(ffi::DataType t) {
 
 int64_t Count(const ffi::AnyBuffer& b) { return static_cast<int64_t>(b.element_count()); }
 
+// Layout 2, "interleaved": one buffer [P, page, 2*Hkv, D] whose combined head 2h is K head h
+// and 2h+1 is V head h (the layout of JAX's TPU ragged_paged_attention). Only strides differ
+// from NHD: heads are 2*D apart and V starts D elements after K.
+ffi::Error FillInterleavedKV(const ffi::AnyBuffer& pages, int64_t combined, PagedKV* kv) {
+  auto d = pages.dimensions();
+  if (!combined) return Invalid("interleaved pages are combined (one buffer, v_pages None)");
+  if (d.size() != 4) return Invalid("interleaved pages must be rank 4 [P, page, 2*Hkv, D]");
+  if (d[2] % 2 != 0) return Invalid("interleaved pages need an even number of heads");
+  kv->dtype = ToDType(pages.element_type());
+  if (kv->dtype == DType::kInvalid) return Invalid("unsupported page dtype");
+  const int64_t head_dim = d[3];
+  kv->num_pages = d[0];
+  kv->page_size = d[1];
+  kv->num_heads = d[2] / 2;
+  kv->head_stride = 2 * head_dim;
+  kv->slot_stride = d[2] * head_dim;
+  kv->page_stride = kv->page_size * kv->slot_stride;
+  kv->k = pages.untyped_data();
+  kv->v = static_cast<char*>(pages.untyped_data()) + head_dim * dtype_bytes(kv->dtype);
+  return ffi::Error::Success();
+}
+
 // Page geometry from the page buffer's dims and the layout attributes.
 ffi::Error FillPagedKV(const ffi::AnyBuffer& k_pages, const ffi::AnyBuffer& v_pages,
                        int64_t layout, int64_t combined, PagedKV* kv) {
   auto d = k_pages.dimensions();
+  if (layout == 2) return FillInterleavedKV(k_pages, combined, kv);
   const size_t rank = combined ? 5 : 4;
   if (d.size() != rank) return Invalid("k_pages has the wrong rank");
-  if (layout != 0 && layout != 1) return Invalid("kv_layout must be 0 (NHD) or 1 (HND)");
+  if (layout != 0 && layout != 1)
+    return Invalid("kv_layout must be 0 (NHD), 1 (HND) or 2 (interleaved)");
   const size_t o = combined ? 2 : 1;  // first dim after [P] (and the K/V axis)
   if (combined && d[1] != 2) return Invalid("combined pages need axis 1 of size 2");
   kv->dtype = ToDType(k_pages.element_type());
