@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
 # One-shot check on a machine with an NVIDIA GPU (no internet needed): build the extension with
 # the CUDA kernels in place, run the GPU suite, the CPU suite, compute-sanitizer (memcheck,
-# racecheck, initcheck) on a small representative script, and a quick benchmark. Logs go to
-# $OUT (default ./out); a summary table is printed last.
+# racecheck, initcheck; memcheck and initcheck also with XLA's platform allocator) on a small
+# representative script, the large-offset tests (operands past 2^31 bytes / elements), and a
+# quick benchmark. Logs go to $OUT (default ./out); a summary
+# table is printed last.
 #
-#   scripts/gpu_check.sh                      # build tests sanitize bench cpu
+#   scripts/gpu_check.sh                      # build tests large sanitize bench cpu
 #   scripts/gpu_check.sh build tests          # only some parts (build is implied if needed)
 #
-# Per-part time limits (seconds) can be set with T_BUILD, T_TESTS, T_CPU, T_SAN, T_BENCH.
+# Per-part time limits (seconds) can be set with T_BUILD, T_TESTS, T_LARGE, T_CPU, T_SAN, T_BENCH.
 # Extra pytest arguments for the GPU suite: PYTEST_GPU_ARGS (e.g. "-k decode").
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./out}
 mkdir -p "$OUT"
-PARTS=${*:-build tests sanitize bench cpu}
+PARTS=${*:-build tests large sanitize bench cpu}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -27,7 +29,7 @@ SUMMARY=()
 : >"$OUT/summary.txt"
 note() {  # also appended to $OUT/summary.txt at once, in case a later part is cut off
   local line
-  line=$(printf '%-12s %-8s %6ss  %s' "$1" "$2" "$3" "$4")
+  line=$(printf '%-14s %-8s %6ss  %s' "$1" "$2" "$3" "$4")
   SUMMARY+=("$line")
   echo "$line" >>"$OUT/summary.txt"
 }
@@ -86,6 +88,7 @@ if has cpu; then
   CPU_T0=$(date +%s)
   env JAX_PLATFORMS=cpu timeout --kill-after=15 "${T_CPU:-300}" \
     "$PY" -m pytest -q -p no:cacheprovider tests --ignore=tests/test_gpu.py \
+    --ignore=tests/test_gpu_large.py \
     >"$OUT/cpu_tests.log" 2>&1 &
   CPU_PID=$!
 fi
@@ -118,24 +121,55 @@ if has tests; then
   note gpu-tests "rc=${rcs// /,}" "$dt" "$counts"
 fi
 
+# ---------------------------------------------------------------------------- large offsets
+# tests/test_gpu_large.py in one process after the shards (up to ~20 GB of GPU memory a test).
+if has large; then
+  run_part large "${T_LARGE:-420}" "$OUT/gpu_large.log" "$PY" -m pytest -v --tb=short -rfE \
+    --durations=5 -p no:cacheprovider tests/test_gpu_large.py
+  note gpu-large "rc=$LAST_RC" "$LAST_DT" "$(pytest_counts "$OUT/gpu_large.log")"
+fi
+
 # ---------------------------------------------------------------------------- sanitizer
 if has sanitize; then
-  for tool in memcheck racecheck initcheck; do
-    log="$OUT/sanitizer_$tool.log"
+  # Each tool with XLA's default pooled allocator, then memcheck and initcheck again with the
+  # platform allocator (one cudaMalloc per buffer). Inside the pool, a read past the end of an
+  # operand lands in memory XLA owns: memcheck cannot see it, and initcheck reports it only
+  # if those bytes were never written. With one allocation per buffer memcheck sees every
+  # access outside an operand (docs/sanitizers.md). Each run has its own log and summary line;
+  # a run with errors also gets the operand each reported address falls in
+  # (scripts/sanitizer_cases.py --map).
+  for run in memcheck:pool racecheck:pool initcheck:pool memcheck:platform initcheck:platform; do
+    tool=${run%%:*}
+    extra=()
+    if [ "${run#*:}" = pool ]; then
+      name=$tool log="$OUT/sanitizer_$tool.log" alloc=()
+    else
+      name=$tool-plat log="$OUT/sanitizer_${tool}_platform.log"
+      alloc=(XLA_PYTHON_CLIENT_ALLOCATOR=platform)
+      # guard bytes after every allocation: an overrun cannot land in a neighbouring buffer
+      [ "$tool" = memcheck ] && extra=(--padding 256)
+    fi
     # memcheck / racecheck instrument only our kernels (names contain jpa). initcheck must see
     # every kernel: writes by uninstrumented XLA kernels would look uninitialized.
     filter=(--kernel-name kns=jpa)
     [ "$tool" = initcheck ] && filter=()
-    run_part "$tool" "${T_SAN:-75}" "$log" compute-sanitizer --tool "$tool" \
-      "${filter[@]}" --error-exitcode 99 "$PY" scripts/sanitizer_cases.py
+    run_part "$name" "${T_SAN:-75}" "$log" env "${alloc[@]}" compute-sanitizer --tool "$tool" \
+      "${filter[@]}" "${extra[@]}" --error-exitcode 99 "$PY" scripts/sanitizer_cases.py
     if ! grep -q "ERROR SUMMARY\|RACECHECK SUMMARY\|sanitizer_cases: done" "$log"; then
-      # this compute-sanitizer does not know the filter option: check every kernel
-      run_part "$tool" "${T_SAN:-75}" "$log" compute-sanitizer --tool "$tool" \
-        --error-exitcode 99 "$PY" scripts/sanitizer_cases.py
+      # this compute-sanitizer does not know the filter (or padding) option: check every
+      # kernel, without padding
+      run_part "$name" "${T_SAN:-75}" "$log" env "${alloc[@]}" compute-sanitizer \
+        --tool "$tool" --error-exitcode 99 "$PY" scripts/sanitizer_cases.py
     fi
     summ=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$log" | tail -1)
     done_ok=$(grep -c "sanitizer_cases: done" "$log")
-    note "$tool" "rc=$LAST_RC" "$LAST_DT" "${summ:-no summary} (script done: $done_ok)"
+    where=""
+    if grep -qE "ERROR SUMMARY: [1-9]" "$log"; then
+      "$PY" scripts/sanitizer_cases.py --map "$log" >"$log.map" 2>&1
+      where=$(tail -1 "$log.map")
+    fi
+    note "$name" "rc=$LAST_RC" "$LAST_DT" \
+      "${summ:-no summary} (script done: $done_ok)${where:+; $where, see $log.map}"
   done
 fi
 

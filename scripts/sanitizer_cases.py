@@ -1,15 +1,27 @@
-"""A small representative set of CUDA calls for compute-sanitizer (memcheck / racecheck).
+"""A small representative set of CUDA calls for compute-sanitizer (memcheck / racecheck /
+initcheck).
 
 Covers: decode with split-KV (merge kernel), decode with many rows per KV head (prefill tile
 shape), prefill with padding rows, q_len 0 requests and invalid metadata, fp8 pages, HND and
 combined layouts, head_dims 64 / 128 / 256, page size 5 (division path), and append_kv.
-Run it under the sanitizer with XLA_PYTHON_CLIENT_PREALLOCATE=false. Prints one line per
-call and "sanitizer_cases: done" at the end.
+Run it under the sanitizer with XLA_PYTHON_CLIENT_PREALLOCATE=false (scripts/gpu_check.sh
+runs it with XLA's pooled allocator and again with XLA_PYTHON_CLIENT_ALLOCATOR=platform).
+Prints one line per call, before each call a "sanitizer_cases: buffers" line with the device
+address and size of every operand (after it one for the results), and "sanitizer_cases: done"
+at the end. Big-offset paths (operands past 2^31 bytes) are left to tests/test_gpu_large.py:
+multi-GB buffers under the sanitizer would take minutes.
+
+    python scripts/sanitizer_cases.py --map LOG
+
+reads a compute-sanitizer log of this script and attributes every reported address to the
+operand buffer it falls in (or to none of them), per call and kernel (docs/sanitizers.md).
 """
 
 from __future__ import annotations
 
+import collections
 import os
+import re
 import sys
 
 import numpy as np
@@ -23,11 +35,24 @@ import jax.numpy as jnp  # noqa: E402
 import cases  # noqa: E402
 import jax_paged_attn as jpa  # noqa: E402
 
-GPU = jax.devices("cpu" if os.environ.get("JPA_SANITIZER_CASES_ON_CPU") == "1" else "gpu")[0]
+GPU = None  # set by main()
 
 
 def put(x):
     return jax.device_put(x, GPU) if isinstance(x, np.ndarray) else x
+
+
+def print_buffers(label, named):
+    """One line: the device address range of each named array (for --map)."""
+    parts = []
+    for name, x in named:
+        if x is None or not hasattr(x, "unsafe_buffer_pointer") or x.nbytes == 0:
+            continue
+        parts.append(f"{name}=0x{x.unsafe_buffer_pointer():x}+{x.nbytes}")
+    print(f"sanitizer_cases: buffers [{label}] {' '.join(parts)}", flush=True)
+
+
+_ATTN_NAMES = ["q", "k_pages", "v_pages", "block_tables", "seq_lens", "cu_seqlens_q"]
 
 
 def run_attention(case, mutate=None):
@@ -38,9 +63,21 @@ def run_attention(case, mutate=None):
         mutate(bt, sl)
         args[3], args[4] = put(bt), put(sl)
     kw = {k: put(v) for k, v in inp.kwargs.items()}
+    label = (f"{case.kind} D={case.head_dim} ps={case.page_size} {case.kv_dtype} "
+             f"{case.kv_layout}{' comb' if case.combined else ''}"
+             f"{' invalid-metadata' if mutate is not None else ''}")
+    print_buffers(label, list(zip(_ATTN_NAMES, args)) +
+                  [(k, v) for k, v in kw.items() if hasattr(v, "nbytes")])
     fn = jpa.paged_decode if case.kind == "decode" else jpa.paged_prefill
     res = fn(*args, **kw)
     res = res if isinstance(res, tuple) else (res,)
+    jax.block_until_ready(res)
+    print_buffers(label, list(zip(["out", "lse"], res)))
+    # Control for initcheck: an XLA kernel reads every byte of the same pages. If initcheck
+    # took the pages' bytes for uninitialized, it flags this read too (the map tells the
+    # kernels apart), which puts a report on our kernel down to the tool's view of the pool.
+    pages = [x for x in args[1:3] if x is not None]
+    jax.block_until_ready([jnp.sum(x.astype(jnp.float32)) for x in pages])
     out = np.asarray(res[0]).astype(np.float32)
     print(f"{case.kind:8s} D={case.head_dim:3d} ps={case.page_size:2d} {case.kv_dtype:4s} "
           f"{case.kv_layout}{' comb' if case.combined else ''}: out finite rows "
@@ -86,12 +123,111 @@ def main():
                                 kv_layout="HND", k_scale=0.4, v_scale=2.0, seed=8),
                cases.AppendCase(new_dtype="f32", kv_dtype="f16", head_dim=12, seed=9)):
         (kp, vp, k, v, slots), kw = cases.make_append_inputs(ac)
-        out = jpa.append_kv(put(kp), None if vp is None else put(vp), put(k), put(v),
-                            put(slots), **kw)
+        ops = [put(kp), None if vp is None else put(vp), put(k), put(v), put(slots)]
+        label = f"append D={ac.head_dim} {ac.kv_dtype}"
+        print_buffers(label, list(zip(["k_pages", "v_pages", "k", "v", "slot_mapping"], ops)))
+        out = jpa.append_kv(*ops, **kw)
         jax.block_until_ready(out)
+        print_buffers(label, list(zip(["k_pages_out", "v_pages_out"], out)))
         print(f"append  D={ac.head_dim:3d} {ac.kv_dtype}: ok", flush=True)
     print("sanitizer_cases: done", flush=True)
 
 
+# ----------------------------------------------------------------------------- --map LOG
+
+_BUF_LINE = re.compile(r"sanitizer_cases: buffers \[(?P<label>[^\]]*)\] ?(?P<rest>.*)")
+_BUF_ITEM = re.compile(r"(\w+)=0x([0-9a-f]+)\+(\d+)")
+_ERR_HEAD = re.compile(r"=+ +(?P<what>(Invalid|Uninitialized) __\w+__ (memory )?(read|write)"
+                       r".*?of size \d+ bytes)")
+_AT = re.compile(r"=+ +at (?:0x[0-9a-f]+ in )?(?P<fn>.+)")
+_FRAME = re.compile(r"Device Frame: *(?:0x[0-9a-f]+ in )?(?P<fn>.+)")
+_ADDR = re.compile(r"=+ +Address (?P<a>0x[0-9a-f]+)")
+_NEAR = 4096  # bytes: an address this close outside an operand is reported as such
+
+
+def _short_name(frame):
+    """A short function name (template arguments squeezed) from a sanitizer frame line."""
+    frame = re.sub(r"^(void|[\w:]+\*?) (?=[\w:]+[<(])", "", frame.strip())
+    m = re.match(r"([\w:]+)(<[^(]*>)?", frame)
+    if not m:
+        return frame[:60]
+    return m.group(1).split("::")[-1] + re.sub(r"\s+", "", m.group(2) or "")[:80]
+
+
+def _where(a, buffers):
+    near = None
+    for name, (start, size) in buffers.items():
+        if a == start:  # where a zero-fill copy (no byte read) points
+            return f"{name} at offset 0"
+        if start <= a < start + size:
+            return name
+        if start + size <= a < start + size + _NEAR:
+            near = f"within {_NEAR} bytes past the end of {name}"
+        elif start - _NEAR <= a < start:
+            near = f"within {_NEAR} bytes before {name}"
+    return near or "outside every listed operand"
+
+
+def map_log(path):
+    """Attribute each address reported in a sanitizer log of this script to the operand it
+    falls in (the operands of the call whose "buffers" lines precede the report)."""
+    buffers, label = {}, "(before the first call)"
+    counts = collections.Counter()
+    err = None
+
+    def finish():
+        nonlocal err
+        if err is not None and err.get("addr") is not None:
+            kernel = err["frames"][-1] if err["frames"] else err["fn"]
+            fn = kernel if kernel == err["fn"] else f"{kernel} > {err['fn']}"
+            counts[(label, fn, err["what"], _where(err["addr"], buffers))] += 1
+        err = None
+
+    with open(path, errors="replace") as f:
+        for line in f:
+            m = _BUF_LINE.search(line)
+            if m:
+                finish()
+                if m.group("label") != label:
+                    label, buffers = m.group("label"), {}
+                for name, a, n in _BUF_ITEM.findall(m.group("rest")):
+                    buffers[name] = (int(a, 16), int(n))
+                continue
+            m = _ERR_HEAD.search(line)
+            if m:
+                finish()
+                err = {"what": m.group("what"), "fn": "?", "frames": [], "addr": None}
+                continue
+            if err is None:
+                continue
+            if "Host Frame" in line or "Saved host backtrace" in line:
+                finish()
+                continue
+            m = _FRAME.search(line)
+            if m:
+                err["frames"].append(_short_name(m.group("fn")))
+                continue
+            m = _AT.search(line)
+            if m and err["fn"] == "?":
+                err["fn"] = _short_name(m.group("fn"))
+                continue
+            m = _ADDR.search(line)
+            if m and err["addr"] is None:
+                err["addr"] = int(m.group("a"), 16)
+        finish()
+    for (lab, fn, what, where), n in sorted(counts.items(), key=lambda kv: -kv[1]):
+        print(f"{n:6d}  [{lab}] {fn}: {what}: {where}")
+    inside = sum(n for k, n in counts.items() if not k[3].startswith(("within", "outside")))
+    near = sum(n for k, n in counts.items() if k[3].startswith("within"))
+    total = sum(counts.values())
+    print(f"map: {total} reported addresses: {inside} inside an operand, {near} within "
+          f"{_NEAR} bytes outside one, {total - inside - near} elsewhere")
+
+
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--map":
+        map_log(sys.argv[2])
+        sys.exit(0)
+    GPU = jax.devices("cpu" if os.environ.get("JPA_SANITIZER_CASES_ON_CPU") == "1"
+                      else "gpu")[0]
     main()

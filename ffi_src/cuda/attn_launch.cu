@@ -74,9 +74,15 @@ cudaError_t LaunchAttention(const AttnParams& p, cudaStream_t stream) {
   if (p.kv.num_heads <= 0 || p.num_q_heads % p.kv.num_heads != 0 || p.kv.page_size <= 0)
     return cudaErrorInvalidValue;
   if (p.num_tokens == 0 || p.num_q_heads == 0) return cudaSuccess;  // nothing to write
-  // The kernels index rows, keys and grid dimensions with 32-bit integers.
+  // The kernels index rows, keys and grid dimensions with 32-bit integers; every address
+  // (token * stride, page * page_stride, row * head_dim, workspace offsets) is formed in
+  // int64 (docs/int64_audit.md). Rows: T * Hq < 2^31. Keys: a request's key indices plus one
+  // key tile must fit in int32; a valid request has seq_len <= max_pages_per_req * page_size,
+  // so that capacity is bounded (2^31 - 2^16: far beyond any context, and the tile loop's
+  // `j0 + BN` / `ke - kb + BN - 1` stay below 2^31).
   if (p.num_tokens * p.num_q_heads >= (int64_t(1) << 31) || p.batch > 65535 ||
-      p.kv.page_size >= (int64_t(1) << 31) || p.max_q_len >= (int64_t(1) << 31))
+      p.kv.page_size >= (int64_t(1) << 31) || p.max_q_len >= (int64_t(1) << 31) ||
+      p.max_pages_per_req * p.kv.page_size > (int64_t(1) << 31) - (int64_t(1) << 16))
     return cudaErrorInvalidValue;
 
   const int64_t B = p.batch;
@@ -167,6 +173,7 @@ cudaError_t LaunchAttention(const AttnParams& p, cudaStream_t stream) {
   L.q_vec = p.q.dtype == compute_dtype(pd) && qaddr % 16 == 0 && p.q.stride_tok % 8 == 0 &&
             p.q.stride_head % 8 == 0;
 
+  if (splits * Hkv >= (int64_t(1) << 31)) return cudaErrorInvalidValue;  // grid.x, blockIdx.x / S
   if (!L.fused_checks) JPA_CUDA_TRY(cuda::launch_attn_prepare(L, stream));
   const dim3 grid(unsigned(splits * Hkv), unsigned(B), unsigned(row_blocks));
   JPA_CUDA_TRY(tiles_for_dim(D, &L, shape, pd, nullptr, grid, stream));

@@ -348,6 +348,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinCtasPerSm) attn_tile_k
   const int r0 = rb * BM;
   if (r0 >= rows_total) return;
 
+  // 32-bit row and key math from here on: rows_total <= T * Hq < 2^31, and key indices (plus
+  // one tile) stay below 2^31 because the launcher bounds the block table's capacity. Every
+  // memory offset below is formed in int64 (docs/int64_audit.md).
   const int kv_len = meta.kv_len;
   const int q_len = meta.q_len;
   const int64_t window = p.window_left;
@@ -431,6 +434,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinCtasPerSm) attn_tile_k
         // prepare kernel has checked them (non-fused), or this check keeps a bad index from
         // being dereferenced (zero-fill) and the epilogue turns the CTA's rows into NaN.
         const int32_t page = bt_row[pi];
+        // One 64-bit byte offset per key (a pool may pass 2^31 bytes and elements); the
+        // 16-byte chunks of the row are then at own_off + 16 * ch, inside the key's row.
         if (page_in_range(p.kv, page))
           own_off = (int64_t(page) * p.kv.page_stride + int64_t(slot) * p.kv.slot_stride +
                      head_off) *
@@ -509,6 +514,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinCtasPerSm) attn_tile_k
       if (R < rows_total) {
         const int64_t tok = meta.row_begin + R / G;
         const int64_t head = int64_t(kvh) * G + R % G;
+        // int64: a strided q (a packed QKV) passes 2^31 elements/bytes at large T.
         const int64_t e = tok * p.q.stride_tok + head * p.q.stride_head + c * 8;
         if (L.q_vec) {
           v = *reinterpret_cast<const uint4*>(static_cast<const char*>(p.q.ptr) + e * qbytes);

@@ -85,9 +85,14 @@ ffi::Error FillTokenView(const ffi::AnyBuffer& base, int64_t offset,
   if (offset < 0 || strides[0] < 0 || strides[1] < 0)
     return Invalid(std::string(name) + " view offset/strides must be non-negative");
   if (tokens > 0 && heads > 0 && head_dim > 0) {
-    const int64_t last = offset + (tokens - 1) * strides[0] + (heads - 1) * strides[1] +
-                         head_dim - 1;
-    if (last >= Count(base)) return Invalid(std::string(name) + " view reaches past its base");
+    // Last element the view reaches, in int64 with overflow checks: absurd strides (say
+    // 2^62) must not wrap around to a small value that passes the bound check.
+    int64_t a, b, last;
+    if (__builtin_mul_overflow(tokens - 1, strides[0], &a) ||
+        __builtin_mul_overflow(heads - 1, strides[1], &b) ||
+        __builtin_add_overflow(offset, a, &last) || __builtin_add_overflow(last, b, &last) ||
+        __builtin_add_overflow(last, head_dim - 1, &last) || last >= Count(base))
+      return Invalid(std::string(name) + " view reaches past its base");
   }
   view->dtype = ToDType(base.element_type());
   if (view->dtype == DType::kInvalid) return Invalid(std::string(name) + " has an unsupported dtype");
@@ -135,7 +140,12 @@ ffi::Error FillAttentionParams(const AttentionBuffers& b, const AttentionAttrs& 
     p->max_q_len = a.max_q_len;
     p->causal = a.causal != 0;
   } else {
-    if (a.q_len_per_req < 1 || p->num_tokens != p->batch * a.q_len_per_req)
+    // num_tokens == batch * q_len_per_req, checked without forming the product (a huge
+    // q_len_per_req attribute must not wrap around to a match).
+    const bool rows_match = p->batch == 0 ? p->num_tokens == 0
+                                          : p->num_tokens % p->batch == 0 &&
+                                                p->num_tokens / p->batch == a.q_len_per_req;
+    if (a.q_len_per_req < 1 || !rows_match)
       return Invalid("decode needs num_tokens == batch * q_len_per_req");
     p->q_len_per_req = a.q_len_per_req;
     p->max_q_len = a.q_len_per_req;
