@@ -1,30 +1,54 @@
-"""Every difference between the jax versions we support (0.10 on Python 3.11, 0.11+ on 3.12).
+"""Every difference between the jax versions we support, and every use of a JAX internal.
 
-Other modules import JAX internals only through here.
+Supported and tested in CI: jax 0.10.x on Python 3.11 (`make test`) and the newest jax on
+Python 3.12 (`make test-py312`; jax 0.12.0.1 when this was written, and 0.11.2 checked by
+hand). Other modules, tests included, import JAX internals only through here.
+
+What each name below is, and what differs between versions:
+
+* `Primitive` from `jax.extend.core`: public since jax 0.4.36, the same in 0.10 - 0.12.
+* `ShapedArray` from the public `jax.core`: there in 0.10.2 - 0.12.0.1 and not deprecated
+  (it is not in jax.core's `_deprecations`, which removed or deprecates other names in 0.10).
+  The private `jax._src.core` home is the fallback should the public one go.
+* `apply_primitive` (eager application of a primitive, compiled like a one-op jit) is private
+  in every version (`jax._src.dispatch`, 0.10 - 0.12). Should it move, a plain jit of
+  `prim.bind` does the same work (retraced on each eager call: slower, never wrong).
+* `ffi_lowering`, `register_ffi_target`: `jax.ffi`, public and the same in 0.10 - 0.12.
+* `ad`, `batching`, `mlir` from `jax.interpreters`: public; only the rule tables
+  (`primitive_jvps`, `primitive_batchers`, `register_lowering`) and the lowering context's
+  `replace` (a dataclass replace in 0.10 - 0.12) are used.
+* `NOT_MAPPED`: the batch dimension of an unbatched operand in a batching rule. jax passes
+  None; old jax spelled it `batching.not_mapped` (None too), which 0.10 and 0.12 no longer
+  have, so this is None there.
+* `shard_map` is `jax.shard_map` in every supported version (the tests use it directly; the
+  deprecated `jax.experimental.shard_map` is not used).
 """
 
 from __future__ import annotations
 
-import warnings
-
 import jax
 from jax.interpreters import ad, batching, mlir  # noqa: F401  (re-exported)
 
-from jax.extend.core import Primitive  # noqa: F401  (jax >= 0.4.36, stable in 0.10/0.11)
+from jax.extend.core import Primitive  # noqa: F401
 
+# "0.12.0.1" -> (0, 12, 0): the release triple, for messages and version checks.
 JAX_VERSION = tuple(int(x) for x in jax.__version__.split(".")[:3] if x.isdigit())
 
-# ShapedArray: `jax.core.ShapedArray` is deprecated from 0.10 on and may disappear; the
-# private home has held it through every version we support.
 try:
+    from jax.core import ShapedArray  # noqa: F401
+except ImportError:  # pragma: no cover - not seen in any supported version
     from jax._src.core import ShapedArray  # noqa: F401
-except ImportError:  # pragma: no cover - future layout
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from jax.core import ShapedArray  # noqa: F401
 
-# Eager application of a primitive (compiles it like a one-op jit); no public home yet.
-from jax._src.dispatch import apply_primitive  # noqa: F401
+
+def _apply_primitive_via_jit(prim, *args, **params):
+    """Fallback for `jax._src.dispatch.apply_primitive`: the primitive alone under jit."""
+    return jax.jit(lambda *xs: prim.bind(*xs, **params))(*args)
+
+
+try:
+    from jax._src.dispatch import apply_primitive  # noqa: F401
+except ImportError:  # pragma: no cover - not seen in any supported version
+    apply_primitive = _apply_primitive_via_jit
 
 ffi_lowering = jax.ffi.ffi_lowering
 register_ffi_target = jax.ffi.register_ffi_target
@@ -49,7 +73,8 @@ def gpu_available() -> bool:
     except RuntimeError:
         return False
 
-# Batch dimension of an unbatched operand in a batching rule.
+
+# Batch dimension of an unbatched operand in a batching rule (see the module docstring).
 NOT_MAPPED = getattr(batching, "not_mapped", None)
 
 # shard_map: public as `jax.shard_map` from 0.7 on; older homes kept for completeness.
