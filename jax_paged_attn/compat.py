@@ -77,7 +77,3 @@ def gpu_available() -> bool:
 # Batch dimension of an unbatched operand in a batching rule (see the module docstring).
 NOT_MAPPED = getattr(batching, "not_mapped", None)
 
-# shard_map: public as `jax.shard_map` from 0.7 on; older homes kept for completeness.
-shard_map = getattr(jax, "shard_map", None)
-if shard_map is None:  # pragma: no cover - older jax
-    from jax.experimental.shard_map import shard_map  # noqa: F401

@@ -109,7 +109,6 @@ _SHARD_MAP = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, PartitionSpec as P
     import jax_paged_attn as jpa
-    from jax_paged_attn import compat
     from jax_paged_attn.views import materialize
     rng = np.random.default_rng(4)
     hq, hkv, d, page, npages, b = 4, 2, 8, 4, 12, 4
@@ -126,7 +125,7 @@ _SHARD_MAP = textwrap.dedent("""
         idx = jax.lax.axis_index("x")
         rows = jax.lax.dynamic_slice_in_dim(materialize(q), idx * (b // 2), b // 2)
         return jpa.paged_decode(rows, k, v, bt, sl)
-    f = jax.jit(compat.shard_map(local, mesh=mesh, in_specs=(P(), P("x"), P("x")),
+    f = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P("x"), P("x")),
                                  out_specs=P("x")))
     out = f(q, bt, sl)
     ref = jpa.paged_decode(materialize(q), k, v, bt, sl)
