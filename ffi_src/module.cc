@@ -1,7 +1,9 @@
-// The Python extension: it only hands out the FFI handlers as capsules (registration happens
-// in jax_paged_attn/_registry.py through jax.ffi.register_ffi_target).
+// The Python extension: it hands out the FFI handlers as capsules (registration happens in
+// jax_paged_attn/_registry.py through jax.ffi.register_ffi_target), and the one fact the
+// Python lowering must not re-derive: the size of the CUDA attention workspace.
 #include <nanobind/nanobind.h>
 
+#include "common/workspace.h"
 #include "ffi/handlers.h"
 
 namespace nb = nanobind;
@@ -23,6 +25,11 @@ NB_MODULE(_jpa_ffi, m) {
     d["jpa_append_kv"] = Capsule(jpa_append_kv_cpu);
     return d;
   });
+  m.def("attention_workspace_bytes", &jpa::ws::attention_workspace_bytes,
+        nb::arg("num_tokens"), nb::arg("num_q_heads"), nb::arg("num_kv_heads"),
+        nb::arg("head_dim"), nb::arg("batch"), nb::arg("max_pages_per_req"),
+        nb::arg("page_size"), nb::arg("max_q_len"),
+        "Bytes of the workspace output of a CUDA decode / prefill call (never zero).");
   m.def("cuda_targets", []() {
     nb::dict d;
 #ifdef JPA_WITH_CUDA

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _registry, _workspace, compat
+from . import _registry, compat
 from .pages import LAYOUT_NAMES, page_geometry
 from .views import StridedView
 
@@ -91,17 +91,19 @@ def _cpu_attention_lowering(name):
     return rule
 
 
-def _cuda_attention_lowering(name, is_decode):
+def _cuda_attention_lowering(name):
     def rule(ctx, *operands, **params):
         _check_cuda_supported(ctx, params)
         t, hq, d = params["q_shape"]
         bt = ctx.avals_in[3]
         _, page_size, num_kv_heads, _ = page_geometry(
             ctx.avals_in[1].shape, LAYOUT_NAMES[params["kv_layout"]], params["kv_combined"])
-        nbytes = _workspace.cuda_workspace_bytes(
-            is_decode=is_decode, num_tokens=t, num_q_heads=hq, head_dim=d, batch=bt.shape[0],
-            max_pages_per_req=bt.shape[1], page_size=page_size,
-            max_q_len=params["max_q_len"], num_kv_heads=num_kv_heads)
+        # The size is the extension's (ffi_src/common/workspace.h, shared with the launcher):
+        # the Python side never re-derives the kernels' tiling.
+        nbytes = _registry.extension().attention_workspace_bytes(
+            num_tokens=t, num_q_heads=hq, num_kv_heads=num_kv_heads, head_dim=d,
+            batch=bt.shape[0], max_pages_per_req=bt.shape[1], page_size=page_size,
+            max_q_len=params["max_q_len"])
         # The split-KV workspace is an extra XLA-allocated output (CUDA-graph safe), hidden
         # from the primitive's results.
         ws = compat.ShapedArray((int(nbytes),), np.dtype(np.uint8))
@@ -136,9 +138,9 @@ def _append_lowering(platform):
 compat.mlir.register_lowering(decode_p, _cpu_attention_lowering("jpa_paged_decode"), "cpu")
 compat.mlir.register_lowering(prefill_p, _cpu_attention_lowering("jpa_paged_prefill"), "cpu")
 compat.mlir.register_lowering(append_p, _append_lowering("cpu"), "cpu")
-compat.mlir.register_lowering(decode_p, _cuda_attention_lowering("jpa_paged_decode", True),
+compat.mlir.register_lowering(decode_p, _cuda_attention_lowering("jpa_paged_decode"),
                               "cuda")
-compat.mlir.register_lowering(prefill_p, _cuda_attention_lowering("jpa_paged_prefill", False),
+compat.mlir.register_lowering(prefill_p, _cuda_attention_lowering("jpa_paged_prefill"),
                               "cuda")
 compat.mlir.register_lowering(append_p, _append_lowering("cuda"), "cuda")
 

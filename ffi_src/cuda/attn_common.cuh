@@ -17,6 +17,7 @@
 #include <cstdint>
 
 #include "../common/params.h"
+#include "../common/workspace.h"
 
 namespace jpa {
 namespace cuda {
@@ -25,33 +26,16 @@ namespace cuda {
 constexpr int32_t kReqValid = 1;
 constexpr int32_t kReqInvalid = 0;
 
-struct ReqMeta {
-  int32_t row_begin;  // first output row (token)
-  int32_t q_len;      // rows owned
-  int32_t kv_len;     // seq_lens[b]
-  int32_t status;     // kReqValid / kReqInvalid
-};
-
-// Split-KV and workspace policy. Mirrored in jax_paged_attn/_workspace.py: keep them in sync.
-constexpr int kMaxSplits = 64;
-constexpr int kMinKeysPerSplit = 256;
-constexpr int64_t kMaxTargetCtas = 2048;
-constexpr int64_t kWsAlign = 256;
+// Split-KV and workspace policy: ../common/workspace.h (shared with the extension module,
+// which tells the Python lowering the workspace size).
+using ws::kMaxSplits;
+using ws::kMinKeysPerSplit;
+using ws::kMaxTargetCtas;
+using ws::kWsAlign;
+using ws::align_up;
+using jpa::ReqMeta;
 // Largest batch for AttnLaunch::longest_first (its per-CTA cost grows as batch^2).
 constexpr int64_t kMaxLongestFirstBatch = 128;
-
-__host__ __device__ inline int64_t align_up(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
-
-// Workspace: [ReqMeta x batch][partial lse: splits x T x Hq floats][partial out: splits x T x
-// Hq x D floats], each region aligned to kWsAlign bytes.
-__host__ __device__ inline int64_t ws_meta_bytes(int64_t batch) {
-  return align_up((batch > 0 ? batch : 1) * int64_t(sizeof(ReqMeta)), kWsAlign);
-}
-__host__ __device__ inline int64_t ws_split_bytes(int64_t splits, int64_t rows, int64_t head_dim) {
-  return splits <= 1 ? 0
-                     : align_up(splits * rows * 4, kWsAlign) +
-                           align_up(splits * rows * head_dim * 4, kWsAlign);
-}
 
 // Everything a tile / merge kernel needs: the params plus what the launcher derived.
 struct AttnLaunch {

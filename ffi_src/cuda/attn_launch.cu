@@ -94,7 +94,7 @@ cudaError_t LaunchAttention(const AttnParams& p, cudaStream_t stream) {
   L.group = int32_t(G);
   L.page_shift = page_shift_of(p.kv.page_size);
 
-  const int64_t meta_bytes = cuda::ws_meta_bytes(B);
+  const int64_t meta_bytes = ws::meta_bytes(B);
   if (p.workspace == nullptr || p.workspace_bytes < meta_bytes) return cudaErrorInvalidValue;
   L.meta = static_cast<cuda::ReqMeta*>(p.workspace);
 
@@ -147,7 +147,7 @@ cudaError_t LaunchAttention(const AttnParams& p, cudaStream_t stream) {
   if (s_hi > cap_splits) s_hi = cap_splits;
   if (s_hi > cuda::kMaxSplits) s_hi = cuda::kMaxSplits;
   const int64_t rows = p.num_tokens * p.num_q_heads;
-  while (s_hi > 1 && meta_bytes + cuda::ws_split_bytes(s_hi, rows, D) > p.workspace_bytes) --s_hi;
+  while (s_hi > 1 && meta_bytes + ws::split_bytes(s_hi, rows, D) > p.workspace_bytes) --s_hi;
   auto wave_fill = [&](int64_t s) {
     const double w = double(base * s) / double(slots);
     const double full = w < 1.0 ? 1.0 : std::ceil(w);
