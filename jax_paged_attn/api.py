@@ -5,7 +5,6 @@ reference), with an error naming the argument."""
 from __future__ import annotations
 
 import jax
-import numpy as np
 
 from . import _registry, checks, primitives
 from . import pages as pages_mod

@@ -14,7 +14,6 @@ and upcast, never the whole cache.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp

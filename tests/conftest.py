@@ -83,6 +83,34 @@ def assert_bitwise(actual, expected, what="out"):
         raise AssertionError(f"{what}: {len(diff)} elements differ bitwise, first at {diff[:5].tolist()}")
 
 
+def gpu_device():
+    """The first CUDA device, or None (GPU suites skip then). JPA_TEST_GPU_SUITE_ON_CPU=1
+    hands them the CPU instead, to check the suites' own logic at small sizes."""
+    import jax
+
+    if os.environ.get("JPA_TEST_GPU_SUITE_ON_CPU") == "1":  # harness self-check only
+        return jax.devices("cpu")[0]
+    try:
+        devs = jax.devices("gpu")
+    except Exception:  # no CUDA backend / plugin
+        return None
+    return devs[0] if devs else None
+
+
+def run_on_fake_cpu_devices(script: str, count: int = 2):
+    """Runs `script` in a fresh Python whose CPU platform has `count` devices (so the forced
+    device count does not leak into other tests); asserts it exits 0 and prints OK."""
+    import subprocess
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                        f" --xla_force_host_platform_device_count={count}")
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "OK" in res.stdout, res.stdout + res.stderr
+
+
 @pytest.fixture
 def on_cpu():
     """Run a test with the CPU as the default device (the CPU suite stays on the CPU FFI path

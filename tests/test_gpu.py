@@ -28,20 +28,10 @@ import jax.numpy as jnp  # noqa: E402
 
 import cases  # noqa: E402
 import device_inputs  # noqa: E402
-from conftest import assert_bitwise, assert_close  # noqa: E402
+from conftest import assert_bitwise, assert_close, gpu_device  # noqa: E402
 
 
-def _gpu_device():
-    if os.environ.get("JPA_TEST_GPU_SUITE_ON_CPU") == "1":  # harness self-check only
-        return jax.devices("cpu")[0]
-    try:
-        devs = jax.devices("gpu")
-    except Exception:  # no CUDA backend / plugin
-        return None
-    return devs[0] if devs else None
-
-
-GPU = _gpu_device()
+GPU = gpu_device()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(GPU is None, reason="no CUDA device")]
 
 if GPU is not None:

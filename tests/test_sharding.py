@@ -2,10 +2,9 @@
 KV heads, and the result equals the unsharded call. Runs in a subprocess so the forced
 2-device CPU platform does not leak into other tests."""
 
-import os
-import subprocess
-import sys
 import textwrap
+
+from conftest import run_on_fake_cpu_devices
 
 _SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
@@ -38,10 +37,4 @@ _SCRIPT = textwrap.dedent("""
 
 
 def test_shard_map_over_heads_matches_unsharded():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
-    env["JAX_PLATFORMS"] = "cpu"
-    res = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert "OK" in res.stdout
+    run_on_fake_cpu_devices(_SCRIPT)

@@ -4,9 +4,6 @@ give the same results as the dense operands they describe."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -15,7 +12,7 @@ import numpy as np
 import pytest
 
 import jax_paged_attn as jpa
-from conftest import assert_bitwise, assert_close
+from conftest import assert_bitwise, assert_close, run_on_fake_cpu_devices
 from jax_paged_attn.views import materialize
 
 pytestmark = pytest.mark.usefixtures("on_cpu")
@@ -137,10 +134,4 @@ _SHARD_MAP = textwrap.dedent("""
 
 
 def test_views_cross_shard_map():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
-    env["JAX_PLATFORMS"] = "cpu"
-    res = subprocess.run([sys.executable, "-c", _SHARD_MAP], env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert "OK" in res.stdout
+    run_on_fake_cpu_devices(_SHARD_MAP)
