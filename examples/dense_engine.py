@@ -1,0 +1,148 @@
+"""The baseline the paged engine is measured against: the same model (llama.py, same weights)
+served the way JAX GPU code does it without paging. Each batch slot owns a dense KV cache
+padded to the longest sequence, `[layers, slots, max_len, Hkv, D]`; a new request is
+prefilled alone (its prompt padded to a power-of-two bucket, one compilation per bucket),
+then every step decodes one token for all slots with `jax.nn.dot_product_attention` over
+the padded cache (cuDNN where it applies), lengths given as `key_value_seq_lengths`.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import llama
+
+
+def _attention(q, k, v, kv_lengths, causal, implementation):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal,
+                                        key_value_seq_lengths=kv_lengths,
+                                        implementation=implementation)
+
+
+def prefill(params, cfg, tokens, length, implementation=None):
+    """One request's prompt `tokens` [S] (first `length` real). Returns the last real
+    position's logits [V] and its K, V [layers, S, Hkv, D]."""
+    s = tokens.shape[0]
+    pos = jnp.arange(s, dtype=jnp.int32)
+    x = params["embed"][tokens]
+
+    def layer(x, lw):
+        h = llama.rms_norm(x, lw["attn_norm"], cfg.eps)
+        qkv = llama._rotated_qkv(cfg, h, lw["wqkv"], pos).reshape(s, -1, cfg.head_dim)
+        q = qkv[:, :cfg.heads]
+        k = qkv[:, cfg.heads:cfg.heads + cfg.kv_heads]
+        v = qkv[:, cfg.heads + cfg.kv_heads:]
+        att = _attention(q[None], k[None], v[None], jnp.reshape(length, (1,)), True,
+                         implementation)[0]
+        x = x + att.reshape(s, -1) @ lw["wo"]
+        return llama._mlp(cfg, x, lw), (k, v)
+
+    layers = {n: params[n] for n in llama._LAYER_KEYS}
+    x, (ks, vs) = jax.lax.scan(layer, x, layers)
+    x = llama.rms_norm(x[length - 1], params["final_norm"], cfg.eps)
+    return (x @ params["lm_head"]).astype(jnp.float32), ks, vs
+
+
+def decode(params, cfg, tokens, positions, k_cache, v_cache, implementation=None):
+    """One token per slot: tokens/positions [B]; caches [layers, B, max_len, Hkv, D]
+    (updated at `positions`). Returns (logits [B, V], k_cache, v_cache)."""
+    b = tokens.shape[0]
+    x = params["embed"][tokens]
+    rows = jnp.arange(b)
+
+    def layer(carry, xs):
+        x, kc, vc = carry
+        i, lw = xs
+        h = llama.rms_norm(x, lw["attn_norm"], cfg.eps)
+        qkv = llama._rotated_qkv(cfg, h, lw["wqkv"], positions).reshape(b, -1, cfg.head_dim)
+        q = qkv[:, :cfg.heads]
+        kc = kc.at[i, rows, positions].set(qkv[:, cfg.heads:cfg.heads + cfg.kv_heads])
+        vc = vc.at[i, rows, positions].set(qkv[:, cfg.heads + cfg.kv_heads:])
+        att = _attention(q[:, None], kc[i], vc[i], positions + 1, False, implementation)
+        x = x + att.reshape(b, -1) @ lw["wo"]
+        return (llama._mlp(cfg, x, lw), kc, vc), None
+
+    layers = {n: params[n] for n in llama._LAYER_KEYS}
+    (x, k_cache, v_cache), _ = jax.lax.scan(
+        layer, (x, k_cache, v_cache), (jnp.arange(cfg.layers, dtype=jnp.int32), layers))
+    logits = llama.rms_norm(x, params["final_norm"], cfg.eps) @ params["lm_head"]
+    return logits.astype(jnp.float32), k_cache, v_cache
+
+
+class DenseEngine:
+    """Slots with dense caches; requests (engine.Request) prefilled alone, decoded together."""
+
+    def __init__(self, params, cfg, *, slots: int, max_seq_len: int, implementation=None):
+        self.params, self.cfg, self.slots, self.max_len = params, cfg, slots, max_seq_len
+        shape = (cfg.layers, slots, max_seq_len, cfg.kv_heads, cfg.head_dim)
+        dt = jnp.dtype(cfg.dtype)
+        self.k_cache, self.v_cache = jnp.zeros(shape, dt), jnp.zeros(shape, dt)
+        self.slot_req = [None] * slots
+        self.waiting, self.finished = [], []
+        self.steps = 0
+        self._prefill = jax.jit(functools.partial(prefill, params, cfg,
+                                                  implementation=implementation))
+        self._decode = jax.jit(functools.partial(decode, params, cfg,
+                                                 implementation=implementation),
+                               donate_argnums=(2, 3))
+        self._store = jax.jit(lambda kc, vc, k, v, s: (
+            jax.lax.dynamic_update_index_in_dim(kc, k, s, 1),
+            jax.lax.dynamic_update_index_in_dim(vc, v, s, 1)), donate_argnums=(0, 1))
+
+    def submit(self, req):
+        self.waiting.append(req)
+
+    def idle(self):
+        return not self.waiting and all(r is None for r in self.slot_req)
+
+    def step(self, now=None):
+        now = self.steps if now is None else now
+        work = 0
+        for s in range(self.slots):                   # admit: prefill alone, per request
+            if self.slot_req[s] is None and self.waiting and self.waiting[0].arrival <= now:
+                req = self.waiting.pop(0)
+                n = len(req.prompt)
+                bucket = min(self.max_len, max(16, 1 << (n - 1).bit_length()))
+                toks = np.zeros(bucket, np.int32)
+                toks[:n] = req.prompt
+                logits, k, v = self._prefill(jnp.asarray(toks), jnp.int32(n))
+                pad = ((0, 0), (0, self.max_len - bucket), (0, 0), (0, 0))
+                self.k_cache, self.v_cache = self._store(
+                    self.k_cache, self.v_cache, jnp.pad(k, pad)[:, None],
+                    jnp.pad(v, pad)[:, None], s)
+                req.cached = n
+                req.output.append(int(jnp.argmax(logits)))
+                req.token_times.append(time.perf_counter())
+                self.slot_req[s] = req
+                work += n
+        self._retire()
+        live = [s for s, r in enumerate(self.slot_req) if r is not None]
+        if live:
+            tokens = np.zeros(self.slots, np.int32)
+            pos = np.zeros(self.slots, np.int32)
+            for s in live:
+                tokens[s], pos[s] = self.slot_req[s].output[-1], self.slot_req[s].cached
+            logits, self.k_cache, self.v_cache = self._decode(
+                jnp.asarray(tokens), jnp.asarray(pos), self.k_cache, self.v_cache)
+            nxt = np.asarray(jnp.argmax(logits, axis=-1))
+            stamp = time.perf_counter()
+            for s in live:
+                req = self.slot_req[s]
+                req.cached += 1
+                req.output.append(int(nxt[s]))
+                req.token_times.append(stamp)
+            work += len(live)
+            self._retire()
+        self.steps += 1
+        return work
+
+    def _retire(self):
+        for s, req in enumerate(self.slot_req):
+            if req is not None and req.done:
+                self.finished.append(req)
+                self.slot_req[s] = None
