@@ -9,13 +9,13 @@
 #   scripts/gpu_check.sh                      # build tests large sanitize bench cpu
 #   scripts/gpu_check.sh build tests          # only some parts (build is implied if needed)
 #
-# Per-part time limits (seconds) can be set with T_BUILD, T_TESTS, T_LARGE, T_CPU, T_SAN, T_BENCH.
+# Per-part time limits (seconds) can be set with T_BUILD, T_TESTS, T_LARGE, T_FUZZ, T_CPU, T_SAN, T_BENCH.
 # Extra pytest arguments for the GPU suite: PYTEST_GPU_ARGS (e.g. "-k decode").
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./out}
 mkdir -p "$OUT"
-PARTS=${*:-build tests large sanitize bench cpu}
+PARTS=${*:-build tests large fuzz sanitize bench cpu}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -127,6 +127,18 @@ if has large; then
   run_part large "${T_LARGE:-420}" "$OUT/gpu_large.log" "$PY" -m pytest -v --tb=short -rfE \
     --durations=5 -p no:cacheprovider tests/test_gpu_large.py
   note gpu-large "rc=$LAST_RC" "$LAST_DT" "$(pytest_counts "$OUT/gpu_large.log")"
+fi
+
+# ---------------------------------------------------------------------------- fuzz
+# The CPU suite's generator (tests/fuzz.py) on the CUDA kernels: FUZZ_CASES random cases,
+# then FUZZ_BIG_CASES with each case's pages at the far end of a pool past 2^31 bytes.
+# Failures land in $OUT/fuzz_failures.jsonl (one `--repro config:draw` per line).
+if has fuzz; then
+  run_part fuzz "${T_FUZZ:-480}" "$OUT/gpu_fuzz.log" bash -c "\"$PY\" scripts/gpu_fuzz.py \
+    --cases ${FUZZ_CASES:-600} --out \"$OUT\"; r1=\$?; \"$PY\" scripts/gpu_fuzz.py \
+    --cases ${FUZZ_BIG_CASES:-40} --big-pool-gib 2.5 --seed 20000 --out \"$OUT\"; \
+    exit \$(( r1 | \$? ))"
+  note gpu-fuzz "rc=$LAST_RC" "$LAST_DT" "$(grep -h '^gpu_fuzz:' "$OUT/gpu_fuzz.log" | tr '\n' ' ')"
 fi
 
 # ---------------------------------------------------------------------------- sanitizer
