@@ -62,7 +62,19 @@ int page_shift_of(int64_t page_size) {
   return s;
 }
 
-cudaError_t LaunchAttention(const AttnParams& p, cudaStream_t stream) {
+// What the launcher decided for one call, before anything runs: the kernels' arguments
+// (AttnLaunch, with the workspace carved up), the tile shape, the grid, and the kernel
+// family. Planning reads device attributes (cached) and never device memory.
+struct AttnPlan {
+  AttnLaunch L;
+  int shape = 0;
+  dim3 grid;
+  bool prepare_only = false;  // no requests: prepare writes the padding rows, nothing else
+  cuda::Family family = cuda::Family::kSm80;
+};
+
+cudaError_t PlanAttention(const AttnParams& p, AttnPlan* plan) {
+  AttnLaunch& L = plan->L;
   const int64_t D = p.head_dim;
   if (D != 64 && D != 128 && D != 256) return cudaErrorInvalidValue;
   if (p.q.dtype != DType::kBF16 && p.q.dtype != DType::kF16) return cudaErrorInvalidValue;
@@ -73,7 +85,10 @@ cudaError_t LaunchAttention(const AttnParams& p, cudaStream_t stream) {
     return cudaErrorInvalidValue;
   if (p.kv.num_heads <= 0 || p.num_q_heads % p.kv.num_heads != 0 || p.kv.page_size <= 0)
     return cudaErrorInvalidValue;
-  if (p.num_tokens == 0 || p.num_q_heads == 0) return cudaSuccess;  // nothing to write
+  if (p.num_tokens == 0 || p.num_q_heads == 0) {  // nothing to write
+    plan->grid = dim3(0, 0, 0);
+    return cudaSuccess;
+  }
   // The kernels index rows, keys and grid dimensions with 32-bit integers; every address
   // (token * stride, page * page_stride, row * head_dim, workspace offsets) is formed in
   // int64 (docs/int64_audit.md). Rows: T * Hq < 2^31. Keys: a request's key indices plus one
@@ -89,7 +104,6 @@ cudaError_t LaunchAttention(const AttnParams& p, cudaStream_t stream) {
   const int64_t Hkv = p.kv.num_heads;
   const int64_t G = p.num_q_heads / Hkv;
 
-  AttnLaunch L;
   L.p = p;
   L.group = int32_t(G);
   L.page_shift = page_shift_of(p.kv.page_size);
@@ -99,12 +113,16 @@ cudaError_t LaunchAttention(const AttnParams& p, cudaStream_t stream) {
   L.meta = static_cast<cuda::ReqMeta*>(p.workspace);
 
   if (B == 0) {  // prefill with no requests: every row is padding
-    return cuda::launch_attn_prepare(L, stream);
+    plan->prepare_only = true;
+    return cudaSuccess;
   }
 
   DeviceInfo di;
   int dev = 0;
   JPA_CUDA_TRY(cuda::current_device_info(&di, &dev));
+  // Kernel family: the portable sm80 one (mma.sync, cp.async) is the only one built so far;
+  // a Hopper (sm90) family will be chosen here on compute capability 9.0.
+  plan->family = cuda::Family::kSm80;
   // Tile shape from the rows (token, group head) a request can have per KV head.
   const int64_t max_rows = p.max_q_len * G;
   int shape = max_rows <= 16   ? cuda::kShapeDecode
@@ -174,11 +192,28 @@ cudaError_t LaunchAttention(const AttnParams& p, cudaStream_t stream) {
             p.q.stride_head % 8 == 0;
 
   if (splits * Hkv >= (int64_t(1) << 31)) return cudaErrorInvalidValue;  // grid.x, blockIdx.x / S
-  if (!L.fused_checks) JPA_CUDA_TRY(cuda::launch_attn_prepare(L, stream));
-  const dim3 grid(unsigned(splits * Hkv), unsigned(B), unsigned(row_blocks));
-  JPA_CUDA_TRY(tiles_for_dim(D, &L, shape, pd, nullptr, grid, stream));
-  if (splits > 1) JPA_CUDA_TRY(cuda::launch_attn_merge(L, stream));
+  plan->shape = shape;
+  plan->grid = dim3(unsigned(splits * Hkv), unsigned(B), unsigned(row_blocks));
   return cudaSuccess;
+}
+
+// Runs a plan: prepare (unless the tiles check their own requests) -> tiles -> merge (split
+// mode). Only launches: graph-capture safe.
+cudaError_t LaunchPlanned(const AttnPlan& plan, cudaStream_t stream) {
+  const AttnLaunch& L = plan.L;
+  if (plan.prepare_only) return cuda::launch_attn_prepare(L, stream);
+  if (plan.grid.x == 0) return cudaSuccess;
+  if (!L.fused_checks) JPA_CUDA_TRY(cuda::launch_attn_prepare(L, stream));
+  JPA_CUDA_TRY(tiles_for_dim(L.p.head_dim, &L, plan.shape, L.p.kv.dtype, nullptr, plan.grid,
+                             stream));
+  if (L.num_splits > 1) JPA_CUDA_TRY(cuda::launch_attn_merge(L, stream));
+  return cudaSuccess;
+}
+
+cudaError_t LaunchAttention(const AttnParams& p, cudaStream_t stream) {
+  AttnPlan plan;
+  JPA_CUDA_TRY(PlanAttention(p, &plan));
+  return LaunchPlanned(plan, stream);
 }
 
 }  // namespace

@@ -28,7 +28,13 @@ namespace cuda {
 struct DeviceInfo {
   int num_sms = 0;
   int max_smem_optin = 0;  // bytes of dynamic shared memory a block may opt into
+  int cc_major = 0;        // compute capability (9.0 on Hopper): picks the kernel family
+  int cc_minor = 0;
 };
+
+// Kernel families (ffi_src/cuda/): sm80 is portable (mma.sync, cp.async; built for sm_80
+// and sm_90). Hopper's (wgmma, TMA; sm_90a) is the next to come.
+enum class Family { kSm80 };
 
 // Facts about the current device (cudaGetDevice), cached after the first call.
 cudaError_t current_device_info(DeviceInfo* info, int* device);
