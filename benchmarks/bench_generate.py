@@ -84,7 +84,6 @@ def attention_share(params, cfg, eng_args, batch, ctx, reps):
     tokens = jnp.zeros((batch,), jnp.int32)
     start = jnp.full((batch,), ctx, jnp.int32)
     one = jnp.ones((batch,), jnp.int32)
-    kc, vc = eng.k_cache, eng.v_cache
 
     def timed(call):
         jax.block_until_ready(call())
