@@ -51,12 +51,15 @@ test: build versions
 # Python 3.12 from scripts/find_python.sh (python3.12 on PATH if it runs, else pyenv's
 # ~/.pyenv/versions/3.12*). None found is an error, not a skip: CI must not go green with
 # half its suites missing. Set PYTHON312=/path/to/python3.12 to choose one. Its own pytest
-# cache directory: .ci/run runs it at the same time as `make test`.
+# cache directory: .ci/run runs it at the same time as `make test`. The fuzz suite runs its
+# full 1,024 cases in `make test`; here a quarter of them (JPA_FUZZ_CONFIGS=16), to keep CI
+# well inside its time.
 PYTHON312 ?= $(shell scripts/find_python.sh 3.12)
 VENV312 ?= .venv312
 
 test-py312:
 	@test -n "$(PYTHON312)" || { echo "make test-py312: no Python 3.12 found (scripts/find_python.sh 3.12); set PYTHON312=" >&2; exit 1; }
+	JPA_FUZZ_CONFIGS=$${JPA_FUZZ_CONFIGS:-16} \
 	$(MAKE) test PYTHON="$(PYTHON312)" VENV=$(VENV312) JPA_CUDA=OFF JAX_SPEC=jax JAX_UPGRADE=--upgrade \
 		PYTEST_ARGS="-o cache_dir=.pytest_cache_py312"
 
