@@ -46,7 +46,7 @@ versions: setup
 PYTEST_ARGS ?=
 
 test: build versions
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q --durations=12 $(PYTEST_ARGS) tests
 
 # Python 3.12 from scripts/find_python.sh (python3.12 on PATH if it runs, else pyenv's
 # ~/.pyenv/versions/3.12*). None found is an error, not a skip: CI must not go green with
