@@ -51,9 +51,9 @@ test: build versions
 # Python 3.12 from scripts/find_python.sh (python3.12 on PATH if it runs, else pyenv's
 # ~/.pyenv/versions/3.12*). None found is an error, not a skip: CI must not go green with
 # half its suites missing. Set PYTHON312=/path/to/python3.12 to choose one. Its own pytest
-# cache directory: .ci/run runs it at the same time as `make test`. The fuzz suite runs its
-# full 1,024 cases in `make test`; here a quarter of them (JPA_FUZZ_CONFIGS=16), to keep CI
-# well inside its time.
+# cache directory: .ci/run runs it at the same time as `make test`. The fuzz suite runs a
+# quarter of its 1,024 cases here by default (JPA_FUZZ_CONFIGS=16); .ci/run gives this suite
+# all of them and `make test` the quarter, which balances the two parallel suites.
 PYTHON312 ?= $(shell scripts/find_python.sh 3.12)
 VENV312 ?= .venv312
 

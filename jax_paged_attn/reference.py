@@ -335,7 +335,8 @@ def _checked(q, k_pages, v_pages, block_tables, seq_lens, kv_layout, scale, k_sc
     static = dict(kv_layout=kv_layout, window_left=opts.window_left,
                   out_dtype=jnp.dtype(opts.out_dtype),
                   budget=_STEP_BUDGET_BYTES)     # read per call so tests can shrink it
-    return qv, views.materialize(qv), k_layer, v_layer, exists, traced, static
+    # A plain q is used as it is (materializing its trivial view would be a full gather).
+    return qv, views.materialize(q), k_layer, v_layer, exists, traced, static
 
 
 # --------------------------------------------------------------------------------------------
