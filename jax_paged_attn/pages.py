@@ -185,8 +185,6 @@ class PagePool:
             shape[lead:], kv_layout, self.combined)
         if self.page_size < 1 or self.num_heads < 1 or self.head_dim < 1:
             fail("k_pages", f"page_size, num_kv_heads and head_dim must be >= 1, got {shape}")
-        self.num_pages = num_pages
-        self.num_layers = shape[0] if stacked else None
         self.shape = shape
         self.stack = None
         if stacked:

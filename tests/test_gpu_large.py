@@ -97,6 +97,19 @@ def page_shape(num_pages, page_size, head_dim, layout, combined):
     return (num_pages,) + ((2,) if combined else ()) + geom
 
 
+def big_pool(seed, num_pages, page_size, head_dim, kv, layout, combined, fp8_scales):
+    """(k_pages, v_pages, op kwargs) of a random pool (seeds `seed`, `seed + 1`); fp8 pages
+    get the given (k_scale, v_scale)."""
+    std = 1.5 if kv == "fp8" else 1.0
+    shape = page_shape(num_pages, page_size, head_dim, layout, combined)
+    kp = random_array(seed, shape, _DT[kv], std)
+    vp = None if combined else random_array(seed + 1, shape, _DT[kv], std)
+    opts = dict(kv_layout=layout)
+    if kv == "fp8":
+        opts.update(k_scale=fp8_scales[0], v_scale=fp8_scales[1])
+    return kp, vp, opts
+
+
 def garbage(num_pages):
     """Page indices out of range of the pool (and of every small pool sliced from it)."""
     return np.array(cases.GARBAGE_PAGES + (num_pages, num_pages + 3), np.int64)
@@ -295,13 +308,7 @@ def test_big_pool_far_end_decode_and_prefill(name):
         # the far range starts past 2^31 bytes (and elements where the name says so)
         lo_elem = (P - tail) * ps * HKV * d * (2 if combined else 1)
         assert lo_elem * _DT[kv].itemsize > TWO31 and ("bytes" in name or lo_elem > TWO31)
-    std = 1.5 if kv == "fp8" else 1.0
-    shape = page_shape(P, ps, d, layout, combined)
-    kp = random_array(10, shape, _DT[kv], std)
-    vp = None if combined else random_array(11, shape, _DT[kv], std)
-    opts = dict(kv_layout=layout)
-    if kv == "fp8":
-        opts.update(k_scale=0.6, v_scale=1.7)
+    kp, vp, opts = big_pool(10, P, ps, d, kv, layout, combined, (0.6, 1.7))
     sample = FarSample(P, head, tail)
     small_k, small_v = sample.pages(kp), sample.pages(vp)
     far = np.arange(P - tail, P)
@@ -396,13 +403,7 @@ def test_append_far_end_of_pool_over_2g_elements(name):
     per_page = ps * HKV * d * (2 if combined else 1)
     if not SMALL:  # every far slot's element offset is past 2^31
         assert (P - tail) * per_page > TWO31
-    shape = page_shape(P, ps, d, layout, combined)
-    std = 1.5 if kv == "fp8" else 1.0
-    kp = random_array(40, shape, _DT[kv], std)
-    vp = None if combined else random_array(41, shape, _DT[kv], std)
-    opts = dict(kv_layout=layout)
-    if kv == "fp8":
-        opts.update(k_scale=0.45, v_scale=2.5)
+    kp, vp, opts = big_pool(40, P, ps, d, kv, layout, combined, (0.45, 2.5))
     sample = FarSample(P, head, tail)
     before_k = np.asarray(sample.pages(kp))
     before_v = None if combined else np.asarray(sample.pages(vp))
