@@ -608,3 +608,48 @@ def test_stacked_cache_append_in_a_donated_layer_scan():
         wk, wv = cases.expected_append(case, ks[i], vs[i], new_k[i], new_v[i], slots)
         assert_bitwise(np.asarray(gk[i]), wk, f"k pages of layer {i}")
         assert_bitwise(np.asarray(gv[i]), wv, f"v pages of layer {i}")
+
+
+# ----------------------------------------------------------------------------- ragged / interleaved
+
+
+@pytest.mark.parametrize("opts,dtype", shard([
+    (dict(sm_scale=0.088), "bf16"),
+    (dict(sm_scale=0.1, sliding_window=37, soft_cap=30.0), "f16"),
+    (dict(sm_scale=0.09, k_scale=0.5, v_scale=1.5), "bf16"),
+]), ids=lambda x: "-".join(x) if isinstance(x, dict) else x)
+def test_ragged_interleaved_pages(opts, dtype):
+    """The interleaved page layout (K head h at combined head 2h, V at 2h+1) on the CUDA
+    kernels, a mixed batch of decode and prefill rows, against the float32 reference."""
+    from test_ragged import _args, _inputs
+    x = _inputs(zlib.crc32(repr((opts, dtype)).encode()), num_seqs=11, max_seqs=13, hkv=4,
+                group=4, d=128, ps=16, dtype=dtype, max_q=70, max_ctx=300)
+    args = [_on_gpu(np.asarray(a)) for a in _args(x)]
+    got = np.asarray(jax.jit(functools.partial(jpa.ragged_paged_attention, max_q_len=70,
+                                               **opts))(*args))
+    sw = opts.get("sliding_window")
+    want = ref.paged_prefill(
+        args[0], args[1], None, args[3], jnp.where(jnp.arange(13) < 11, args[2], 0),
+        jnp.minimum(args[4], args[4][11]), max_q_len=70, kv_layout="interleaved",
+        scale=opts["sm_scale"], window_left=-1 if sw is None else sw - 1,
+        logits_soft_cap=opts.get("soft_cap"), k_scale=opts.get("k_scale"),
+        v_scale=opts.get("v_scale"), out_dtype=jnp.float32)
+    n = int(x["cu_q_lens"][11])
+    assert not np.isnan(got).any()
+    assert_close(got[:n].astype(np.float32), np.asarray(want)[:n], _tol(dtype, dtype, None))
+    assert np.all(got[n:].astype(np.float32) == 0)
+
+
+@on_shard(7)
+def test_ragged_append_interleaved_bitwise():
+    rng = np.random.default_rng(17)
+    P, ps, hkv, d, T = 9, 16, 4, 128, 60
+    pages = cases._rand(rng, (P, ps, 2 * hkv, d), cases.DTYPES["bf16"])
+    k = cases._rand(rng, (T, hkv, d), cases.DTYPES["bf16"])
+    v = cases._rand(rng, (T, hkv, d), cases.DTYPES["bf16"])
+    slots = rng.permutation(P * ps)[:T].astype(np.int32)
+    slots[::7] = -1
+    got = jax.jit(jpa.ragged_append_kv)(*(_on_gpu(a) for a in (pages, k, v, slots)))
+    want = ref.append_kv(jnp.asarray(pages), None, jnp.asarray(k), jnp.asarray(v),
+                         jnp.asarray(slots), kv_layout="interleaved")[0]
+    assert_bitwise(np.asarray(got), np.asarray(want), "interleaved pages after append")
