@@ -32,6 +32,7 @@ sys.path[:0] = [_ROOT, os.path.join(_ROOT, "tests")]
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+import cases  # noqa: E402
 import fuzz  # noqa: E402
 import jax_paged_attn as jpa  # noqa: E402
 from conftest import assert_close  # noqa: E402
@@ -99,7 +100,9 @@ def run_one(config_seed, draw, args, dev, ref_dev):
     out, lse = fuzz.run(case, ours, jpa, put, pages=pages)
     r_out, r_lse = fuzz.run(case, oracle, jpa, ref_put, float32_oracle=True,
                             pages=None if pages is None or ref_dev != dev else pages)
-    fuzz.check(case, out, lse, r_out, r_lse, assert_close)
+    c = case.config.case
+    tols = None if args.cpu else cases.gpu_tolerances(c.q_dtype, c.kv_dtype, c.out_dtype)
+    fuzz.check(case, out, lse, r_out, r_lse, assert_close, tols)
     return case
 
 

@@ -56,15 +56,12 @@ def shard(items):
 def on_shard(i):
     return pytest.mark.skipif(_SHARD_K != i % _SHARD_N, reason=f"runs in shard {i % _SHARD_N}")
 
-LSE_TOL = 2e-5  # fp32 lse; the kernels use exp2/log2 and a different summation order
 _DT = cases.DTYPES
 _ARG_NAMES = ["q", "k_pages", "v_pages", "block_tables", "seq_lens", "cu_seqlens_q"]
 
 
 def _tol(q_dtype, kv_dtype, out_dtype):
-    """bf16 anywhere in the chain -> 1e-2, else (f16, fp8 pages widened to f16) 2e-3."""
-    names = {q_dtype, kv_dtype, out_dtype or q_dtype}
-    return 1e-2 if "bf16" in names else 2e-3
+    return cases.gpu_tolerances(q_dtype, kv_dtype, out_dtype)[0]
 
 
 def _on_gpu(x):
@@ -158,7 +155,7 @@ def check(inputs, tol=None, expect_invalid=None):
     err = assert_close(out1, want_out, tol, nan_ok=True, what="out")
     if lse1 is not None:
         # f16 q with bf16 pages computes in bf16 (q rounded once), which moves the logits.
-        lse_tol = 2e-3 if (c.q_dtype, c.kv_dtype) == ("f16", "bf16") else LSE_TOL
+        lse_tol = cases.gpu_tolerances(c.q_dtype, c.kv_dtype)[1]
         assert_close(lse1, want_lse, lse_tol, nan_ok=True, what="lse")
 
     # NaN rows: exactly the invalid requests' rows (independent oracle in cases.py).

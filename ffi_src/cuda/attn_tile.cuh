@@ -285,13 +285,15 @@ __device__ __forceinline__ void pv_fp8(float (&o)[Cfg::MT][Cfg::D / 8][4],
 // y-th CTAs the y-th longest request starts the heavy work first and keeps the tail short
 // when lengths differ (longest-processing-time-first). Costs each CTA one read of seq_lens
 // and, unless all lengths are equal, batch^2 / threads comparisons, hence
-// AttnLaunch::longest_first only for small batches. Uses the first 4 * (batch + 1) bytes of
-// shared memory as scratch; all threads must call it.
+// AttnLaunch::longest_first only for small batches. Uses the first 16 + 4 * batch bytes of
+// shared memory as scratch; all threads must call it. The pick has a 16-byte slot of its
+// own: nvcc reads the lengths with 16-byte vector loads, and compute-sanitizer's racecheck
+// (H200, CUDA 13) flagged the pick's write against those loads when they shared a slot.
 template <int NT>
 __device__ int request_of_length_rank(const AttnParams& p, int rank, unsigned char* smem) {
   const int B = int(p.batch);
-  int* s_len = reinterpret_cast<int*>(smem);
-  int* s_pick = s_len + B;
+  int* s_pick = reinterpret_cast<int*>(smem);
+  int* s_len = reinterpret_cast<int*>(smem + 16);
   const int first = p.seq_lens[0];
   bool same = true;
   for (int i = threadIdx.x; i < B; i += NT) {
