@@ -141,29 +141,35 @@ def main(argv=None):
     report = dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__,
                   date=time.strftime("%Y-%m-%d"), config=str(cfg), requests=args.requests)
 
+    os.makedirs(args.out, exist_ok=True)
+
+    def phase(name, value):
+        """Record one phase and rewrite generate.json, so a run cut short keeps its part."""
+        report[name] = value
+        with open(os.path.join(args.out, "generate.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"[{time.perf_counter() - t_start:7.1f} s] {name}: {value}", flush=True)
+
+    t_start = time.perf_counter()
     rng = np.random.default_rng(0)
     paged = engine.Engine(params, cfg, num_pages=pages, max_batch=args.slots,
                           token_budget=args.budget, **eng_args)
     warm_up(paged, prompt, cfg.vocab)
-    report["paged"] = drive(paged, make_requests(rng, args.requests, prompt, output,
-                                                 cfg.vocab))
+    phase("paged", drive(paged, make_requests(rng, args.requests, prompt, output, cfg.vocab)))
     del paged
+    ctx = (prompt[0] + prompt[1]) // 2
+    step, attn = attention_share(params, cfg, eng_args, args.slots, ctx, 3 if args.smoke
+                                 else 10)
+    phase("decode_step", dict(batch=args.slots, ctx=ctx, step_s=step, attention_s=attn,
+                              attention_share=attn / step))
     if not args.skip_baseline:
         rng = np.random.default_rng(0)
         dense = dense_engine.DenseEngine(params, cfg, slots=args.slots, max_seq_len=max_len)
         warm_up(dense, prompt, cfg.vocab)
-        report["dense"] = drive(dense, make_requests(rng, args.requests, prompt, output,
-                                                     cfg.vocab))
+        phase("dense", drive(dense, make_requests(rng, args.requests, prompt, output,
+                                                  cfg.vocab)))
         del dense
-        report["speedup"] = report["paged"]["tokens_per_s"] / report["dense"]["tokens_per_s"]
-    ctx = (prompt[0] + prompt[1]) // 2
-    step, attn = attention_share(params, cfg, eng_args, args.slots, ctx, 3 if args.smoke
-                                 else 10)
-    report["decode_step"] = dict(batch=args.slots, ctx=ctx, step_s=step, attention_s=attn,
-                                 attention_share=attn / step)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "generate.json"), "w") as f:
-        json.dump(report, f, indent=1)
+        phase("speedup", report["paged"]["tokens_per_s"] / report["dense"]["tokens_per_s"])
     for name in ("paged", "dense"):
         if name in report:
             r = report[name]

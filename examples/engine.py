@@ -146,10 +146,10 @@ def greedy_reference(params, cfg, prompt, max_new, pad_to):
     """Greedy tokens of one request by full recompute with dense attention. The sequence is
     padded to `pad_to` tokens (causal: padding after a position cannot change it), so one
     compilation serves every length."""
-    fwd = jax.jit(functools.partial(llama.dense_forward, params, cfg))
+    fwd = jax.jit(lambda p, tokens: llama.dense_forward(p, cfg, tokens))
     seq = list(prompt)
     for _ in range(max_new):
         padded = np.zeros(pad_to, np.int32)
         padded[:len(seq)] = seq
-        seq.append(int(jnp.argmax(fwd(jnp.asarray(padded))[len(seq) - 1])))
+        seq.append(int(jnp.argmax(fwd(params, jnp.asarray(padded))[len(seq) - 1])))
     return seq[len(prompt):]
