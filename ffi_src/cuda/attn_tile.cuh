@@ -287,8 +287,8 @@ __device__ __forceinline__ void pv_fp8(float (&o)[Cfg::MT][Cfg::D / 8][4],
 // and, unless all lengths are equal, batch^2 / threads comparisons, hence
 // AttnLaunch::longest_first only for small batches. Uses the first 16 + 4 * batch bytes of
 // shared memory as scratch; all threads must call it. The pick has a 16-byte slot of its
-// own: nvcc reads the lengths with 16-byte vector loads, and compute-sanitizer's racecheck
-// (H200, CUDA 13) flagged the pick's write against those loads when they shared a slot.
+// own: racecheck (H200, CUDA 13) flagged its write against the reads of the lengths when
+// it followed them directly, most likely because nvcc reads the lengths 16 bytes at a time.
 template <int NT>
 __device__ int request_of_length_rank(const AttnParams& p, int rank, unsigned char* smem) {
   const int B = int(p.batch);
