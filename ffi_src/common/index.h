@@ -21,13 +21,30 @@ JPA_HD int64_t out_elem(const AttnParams& p, int64_t tok, int64_t head) {
   return (tok * p.num_q_heads + head) * p.head_dim;
 }
 
-// Physical page holding key j of request b (unchecked; see page_in_range).
-JPA_HD int64_t page_of_key(const AttnParams& p, int64_t b, int64_t j) {
-  return p.block_tables[b * p.max_pages_per_req + j / p.kv.page_size];
-}
-
 JPA_HD bool page_in_range(const PagedKV& kv, int64_t page) {
   return page >= 0 && page < kv.num_pages;
+}
+
+// The one guarded page lookup of every kernel (CPU, sm80, sm90): the element offset of key
+// j's row for KV head `head`, or -1 when its page index lies outside [0, num_pages) (such an
+// index is never turned into an address). `bt_row` is the request's block-table row;
+// `page_shift` is log2(page_size) for a power of two (a shift and a mask), else -1. I is the
+// key index type: int on the GPU (the launcher bounds keys below 2^31, and 32-bit division
+// is the fast one), int64_t on the CPU.
+template <class I>
+JPA_HD int64_t key_row_elem(const PagedKV& kv, const int32_t* bt_row, I j, int page_shift,
+                            int64_t head) {
+  const I ps = I(kv.page_size);
+  I pi, slot;
+  if (page_shift >= 0) {
+    pi = j >> page_shift;
+    slot = j & (ps - 1);
+  } else {
+    pi = j / ps;
+    slot = j - pi * ps;
+  }
+  const int64_t page = bt_row[pi];
+  return page_in_range(kv, page) ? kv_elem(kv, page, slot, head) : -1;
 }
 
 }  // namespace jpa

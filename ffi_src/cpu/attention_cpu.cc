@@ -38,12 +38,12 @@ void AttendRow(const AttnParams& p, int64_t b, int64_t t, int64_t h, int64_t pos
 
   int64_t lo, hi;
   visible_range(pos, kv_len, p.causal, p.window_left, &lo, &hi);
+  const int32_t* bt_row = p.block_tables + b * p.max_pages_per_req;
   // No visible key: the row keeps the 0 / -inf written up front (even with a sink).
   if (hi <= lo) return;
   float m = p.sinks ? p.sinks[h] : kNegInf;
   for (int64_t j = lo; j < hi; ++j) {
-    const int64_t page = page_of_key(p, b, j);
-    const int64_t ko = kv_elem(p.kv, page, j % p.kv.page_size, kvh);
+    const int64_t ko = key_row_elem(p.kv, bt_row, j, -1, kvh);  // pages checked up front
     float s = 0.0f;
     for (int64_t d = 0; d < D; ++d) s += q[d] * load_as_float(p.kv.k, ko + d, p.kv.dtype);
     s = apply_softcap(s * k_scale * p.sm_scale, p.softcap);
@@ -55,8 +55,7 @@ void AttendRow(const AttnParams& p, int64_t b, int64_t t, int64_t h, int64_t pos
   for (int64_t j = lo; j < hi; ++j) {
     const float w = std::exp(logits[j - lo] - m);
     den += w;
-    const int64_t page = page_of_key(p, b, j);
-    const int64_t vo = kv_elem(p.kv, page, j % p.kv.page_size, kvh);
+    const int64_t vo = key_row_elem(p.kv, bt_row, j, -1, kvh);
     for (int64_t d = 0; d < D; ++d) acc[d] += w * load_as_float(p.kv.v, vo + d, p.kv.dtype);
   }
   const int64_t o = out_elem(p, t, h);

@@ -13,9 +13,9 @@
 #include <tuple>
 
 #include "attn_launch.h"
-#include "attn_tile.cuh"
 #include "cuda_utils.cuh"
 #include "launchers.h"
+#include "tile_families.h"
 
 namespace jpa {
 namespace {

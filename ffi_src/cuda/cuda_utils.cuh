@@ -32,7 +32,7 @@ struct DeviceInfo {
   int cc_minor = 0;
 };
 
-// Kernel families (ffi_src/cuda/): sm80 is portable (mma.sync, cp.async; built for sm_80
+// Kernel families (ffi_src/cuda/sm80/, ...): sm80 is portable (mma.sync, cp.async; built for sm_80
 // and sm_90). Hopper's (wgmma, TMA; sm_90a) is the next to come.
 enum class Family { kSm80 };
 

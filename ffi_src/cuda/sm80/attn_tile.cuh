@@ -1,4 +1,5 @@
-// The attention tile kernel (tensor cores, mma.sync m16n8k16) shared by decode and prefill.
+// The sm80 family's attention tile kernel (tensor cores, mma.sync m16n8k16; portable to
+// sm_80 and sm_90), shared by decode and prefill.
 //
 // One CTA = (KV split, KV head, request, block of BM packed query rows). A packed row is a
 // (token i of the request, query head g of the KV head's group) pair, r = i * G + g, so the
@@ -24,21 +25,15 @@
 #include <cmath>
 #include <cstdint>
 
-#include "../common/mask.h"
-#include "../common/request.h"
-#include "attn_common.cuh"
-#include "cuda_utils.cuh"
+#include "../../common/index.h"
+#include "../../common/mask.h"
+#include "../../common/request.h"
+#include "../attn_common.cuh"
+#include "../cuda_utils.cuh"
+#include "../tile_families.h"
 
 namespace jpa {
 namespace cuda {
-
-// Launch facts of one kernel configuration on the current device.
-struct TileInfo {
-  int threads = 0;
-  int smem_bytes = 0;
-  int block_rows = 0;   // BM
-  int ctas_per_sm = 0;  // from the occupancy calculator
-};
 
 template <int D_, int WM_, int WN_, int BN_, typename CT_, bool kFp8_, int MT_ = 1,
           int Stages_ = 2>
@@ -362,10 +357,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinCtasPerSm) attn_tile_k
   const int r_end = min(r0 + BM, rows_total);
   const int pos_first = kv_len - q_len + r0 / G;
   const int pos_last = kv_len - q_len + (r_end - 1) / G;
-  int klo = 0;
-  if (window >= 0) klo = int(max(int64_t(0), int64_t(pos_first) - window));
-  int khi = causal ? min(kv_len, pos_last + 1) : kv_len;
-  if (khi < klo) khi = klo;
+  int64_t klo64, khi64;
+  block_key_range(pos_first, pos_last, kv_len, causal, window, &klo64, &khi64);
+  const int klo = int(klo64), khi = int(khi64);
   // This split's share, whole tiles each.
   const int64_t n_keys = khi - klo;
   int64_t per = (n_keys + S - 1) / S;
@@ -398,9 +392,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinCtasPerSm) attn_tile_k
 
   // ---- K/V tile loader ----
   const int32_t* bt_row = p.block_tables + int64_t(b) * p.max_pages_per_req;
-  const int page_size = int(p.kv.page_size);
   const int page_shift = L.page_shift;
-  const int64_t head_off = int64_t(kvh) * p.kv.head_stride;
   const char* k_src = static_cast<const char*>(p.kv.k);
   const char* v_src = static_cast<const char*>(p.kv.v);
   const uint32_t smem_base = smem_addr(smem);
@@ -424,24 +416,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinCtasPerSm) attn_tile_k
     if (lane_ < IT * KPW) {
       const int j = j0 + own_key;
       if (j < ke) {
-        int pi, slot;
-        if (page_shift >= 0) {
-          pi = j >> page_shift;
-          slot = j & (page_size - 1);
-        } else {
-          pi = j / page_size;
-          slot = j - pi * page_size;
-        }
         // Every page of [kb, ke) is looked up here exactly when its keys are loaded. The
         // prepare kernel has checked them (non-fused), or this check keeps a bad index from
         // being dereferenced (zero-fill) and the epilogue turns the CTA's rows into NaN.
-        const int32_t page = bt_row[pi];
         // One 64-bit byte offset per key (a pool may pass 2^31 bytes and elements); the
         // 16-byte chunks of the row are then at own_off + 16 * ch, inside the key's row.
-        if (page_in_range(p.kv, page))
-          own_off = (int64_t(page) * p.kv.page_stride + int64_t(slot) * p.kv.slot_stride +
-                     head_off) *
-                    Cfg::kPageBytes;
+        const int64_t e = key_row_elem(p.kv, bt_row, j, page_shift, kvh);
+        if (e >= 0)
+          own_off = e * Cfg::kPageBytes;
         else
           bad_page = 1;
       }
@@ -560,8 +542,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinCtasPerSm) attn_tile_k
     else
       qk_16bit<Cfg>(s_acc, smem_base, k_base, wrow0, wn * KW, lane);
     // ---- logits (log2 domain), mask, online softmax ----
-    const bool full = (j0 + BN <= ke) && (!causal || j0 + BN - 1 <= pos_first) &&
-                      (window < 0 || int64_t(pos_last) - j0 <= window);
+    const bool full = tile_all_visible(j0, j0 + BN, ke, pos_first, pos_last, causal, window);
     const int jw = j0 + wn * KW;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
@@ -746,27 +727,11 @@ struct TileRunner {
   }
 };
 
-// Tile shapes (rows of packed (token, group head) pairs per CTA):
-//   kShapeDecode:    16 rows, 1 row of warps, the warps split each key tile (small row counts);
-//   kShapePrefill64: 64 rows, 4 warps x 16 rows;
-//   kShapePrefill128: 128 rows, 4 warps x 2 MMA row tiles (head_dim <= 128; 256 uses 64 rows).
-enum TileShape : int { kShapeDecode = 0, kShapePrefill64 = 1, kShapePrefill128 = 2 };
-
 // K/V pipeline depth of the decode shape: 16-bit pages 3 stages (two tiles in flight while one
 // is used; measured better than 2 stages with more CTAs per SM). fp8 pages 3 as well: their
 // 16 KB tiles then fit 4 CTAs per SM (H100, 128 x 2048: 4 stages measured 6% slower).
 constexpr int kDecodeStages16 = 3;
 constexpr int kDecodeStages8 = 3;
-
-// Per-head_dim entry points (one .cu file each, so the instantiations compile in parallel).
-// `page_dtype` picks the compute dtype: bf16 pages -> bf16, f16 and fp8 pages -> f16.
-// With `L == nullptr` only fills `info` (also sets the kernel's shared-memory limit).
-cudaError_t attn_tiles_d64(const AttnLaunch* L, int shape, DType page_dtype, TileInfo* info,
-                           dim3 grid, cudaStream_t stream);
-cudaError_t attn_tiles_d128(const AttnLaunch* L, int shape, DType page_dtype, TileInfo* info,
-                            dim3 grid, cudaStream_t stream);
-cudaError_t attn_tiles_d256(const AttnLaunch* L, int shape, DType page_dtype, TileInfo* info,
-                            dim3 grid, cudaStream_t stream);
 
 // BN8 / WN8: key tile and key-splitting warps of fp8 pages (their rows are half as long, so a
 // tile may hold more keys).
