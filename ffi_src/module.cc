@@ -1,6 +1,7 @@
 // The Python extension: it hands out the FFI handlers as capsules (registration happens in
 // jax_paged_attn/_registry.py through jax.ffi.register_ffi_target), and the one fact the
-// Python lowering must not re-derive: the size of the CUDA attention workspace.
+// Python lowering must not re-derive: the size of the CUDA attention workspace (and which
+// CUDA kernel families the build holds).
 #include <nanobind/nanobind.h>
 
 #include "common/workspace.h"
@@ -30,6 +31,16 @@ NB_MODULE(_jpa_ffi, m) {
         nb::arg("head_dim"), nb::arg("batch"), nb::arg("max_pages_per_req"),
         nb::arg("page_size"), nb::arg("max_q_len"),
         "Bytes of the workspace output of a CUDA decode / prefill call (never zero).");
+  m.def("cuda_kernel_families", []() {
+    nb::list l;
+#ifdef JPA_WITH_CUDA
+    l.append("sm80");
+#endif
+#ifdef JPA_WITH_SM90
+    l.append("sm90");
+#endif
+    return l;
+  }, "The CUDA kernel families compiled into this build (the launcher picks one per call).");
   m.def("cuda_targets", []() {
     nb::dict d;
 #ifdef JPA_WITH_CUDA

@@ -60,6 +60,12 @@ def has_cuda_kernels() -> bool:
     return register()[1]
 
 
+def cuda_kernel_families() -> list[str]:
+    """The CUDA kernel families this build holds: [] (CPU-only build), ["sm80"], or
+    ["sm80", "sm90"] (Hopper wgmma prefill, chosen per call with JPA_CUDA_FAMILY=sm90)."""
+    return list(extension().cuda_kernel_families())
+
+
 def register_if_built() -> bool:
     """Registers the handlers when the extension exists (at import, so that a deserialized
     `jax.export` finds them); without it the reference still works and the ops raise."""

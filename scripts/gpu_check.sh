@@ -6,7 +6,9 @@
 # quick benchmark. Logs go to $OUT (default ./out); a summary
 # table is printed last.
 #
-#   scripts/gpu_check.sh                      # build tests large sanitize bench cpu
+#   scripts/gpu_check.sh                      # build tests large fuzz sanitize bench cpu
+#   scripts/gpu_check.sh build sm90           # the GPU suite, fuzz and sanitizers on the sm90
+#                                             # family (JPA_CUDA_FAMILY=sm90)
 #   scripts/gpu_check.sh build tests          # only some parts (build is implied if needed)
 #
 # Per-part time limits (seconds) can be set with T_BUILD, T_TESTS, T_LARGE, T_FUZZ, T_CPU, T_SAN, T_BENCH.
@@ -15,7 +17,7 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./out}
 mkdir -p "$OUT"
-PARTS=${*:-build tests large fuzz sanitize bench cpu}
+PARTS=${*:-build tests sm90 large fuzz sanitize bench cpu}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -119,6 +121,49 @@ if has tests; then
   echo "[tests] rc=$rcs ${dt}s"
   rcs="${rcs# }"
   note gpu-tests "rc=${rcs// /,}" "$dt" "$counts"
+fi
+
+# ---------------------------------------------------------------------------- sm90 family
+# The GPU suite, a fuzz run and the sanitizers again with the launcher's sm90 family (wgmma
+# prefill) forced: JPA_CUDA_FAMILY=sm90 (decode and fp8 pages stay on sm80).
+if has sm90; then
+  fams=$("$PY" -c "import jax_paged_attn as j; print(' '.join(j._registry.cuda_kernel_families()))")
+  if [ "${fams#*sm90}" = "$fams" ]; then
+    note sm90 skip 0 "this build has no sm90 kernels (families: $fams)"
+  else
+    SHARDS=${SHARDS:-6}
+    t0=$(date +%s)
+    pids=()
+    for k in $(seq 0 $((SHARDS - 1))); do
+      JPA_CUDA_FAMILY=sm90 JPA_TEST_SHARD="$k/$SHARDS" timeout --kill-after=15 "${T_TESTS:-240}" \
+        "$PY" -m pytest -v --tb=short -rfE -p no:cacheprovider tests/test_gpu.py \
+        ${PYTEST_GPU_ARGS:-} >"$OUT/.sm90_tests_$k.log" 2>&1 &
+      pids+=($!)
+    done
+    rcs=""
+    for pid in "${pids[@]}"; do wait "$pid"; rcs="$rcs $?"; done
+    : >"$OUT/sm90_tests.log"
+    counts=""
+    for k in $(seq 0 $((SHARDS - 1))); do
+      cat "$OUT/.sm90_tests_$k.log" >>"$OUT/sm90_tests.log"
+      counts="$counts [$(pytest_counts "$OUT/.sm90_tests_$k.log")]"
+      rm -f "$OUT/.sm90_tests_$k.log"
+    done
+    rcs="${rcs# }"
+    note sm90-tests "rc=${rcs// /,}" "$(( $(date +%s) - t0 ))" "$counts"
+    run_part sm90-fuzz "${T_FUZZ:-480}" "$OUT/sm90_fuzz.log" env JPA_CUDA_FAMILY=sm90 \
+      "$PY" scripts/gpu_fuzz.py --cases "${FUZZ_SM90_CASES:-300}" --seed 30000 --out "$OUT"
+    note sm90-fuzz "rc=$LAST_RC" "$LAST_DT" "$(grep -h '^gpu_fuzz:' "$OUT/sm90_fuzz.log" | tr '\n' ' ')"
+    for tool in memcheck racecheck initcheck; do
+      filter=(--kernel-name kns=jpa)
+      [ "$tool" = initcheck ] && filter=()
+      run_part "sm90-$tool" "${T_SAN:-75}" "$OUT/sanitizer_sm90_$tool.log" env JPA_CUDA_FAMILY=sm90 \
+        compute-sanitizer --tool "$tool" "${filter[@]}" --error-exitcode 99 "$PY" \
+        scripts/sanitizer_cases.py
+      note "sm90-$tool" "rc=$LAST_RC" "$LAST_DT" \
+        "$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer_sm90_$tool.log" | tail -1)"
+    done
+  fi
 fi
 
 # ---------------------------------------------------------------------------- large offsets

@@ -650,3 +650,34 @@ def test_ragged_append_interleaved_bitwise():
     want = ref.append_kv(jnp.asarray(pages), None, jnp.asarray(k), jnp.asarray(v),
                          jnp.asarray(slots), kv_layout="interleaved")[0]
     assert_bitwise(np.asarray(got), np.asarray(want), "interleaved pages after append")
+
+
+# ----------------------------------------------------------------------------- kernel families
+
+
+@on_shard(4)
+@pytest.mark.parametrize("family", ["sm80", "sm90"])
+def test_family_switch_runs_that_familys_kernel(family, monkeypatch):
+    """JPA_CUDA_FAMILY picks the prefill kernel family (read when XLA runs the call): the
+    profile names the family's kernel, and both match the reference."""
+    profiler = pytest.importorskip("jax.experimental.mosaic.gpu.profiler")
+    if family == "sm90":
+        if "sm90" not in jpa._registry.cuda_kernel_families():
+            pytest.skip("this build has no sm90 kernels")
+        if GPU.compute_capability != "9.0":
+            pytest.skip("the sm90 family needs compute capability 9.0")
+    monkeypatch.setenv("JPA_CUDA_FAMILY", family)
+    case = cases.AttnCase(kind="prefill", batch=3, num_kv_heads=2, group=4, head_dim=128,
+                          page_size=16, q_dtype="bf16", kv_dtype="bf16", max_kv_len=300,
+                          seed=4242)
+    inputs = cases.make_inputs(case)
+    args = [_on_gpu(a) for a in inputs.args]
+    akw, static = _split_kwargs(inputs.kwargs)
+    f = jax.jit(lambda *a: jpa.paged_prefill(*a, **akw, **static))  # a fresh executable
+    out = np.asarray(f(*args))
+    _, per = profiler.measure(f, aggregate=False)(*args)
+    names = " ".join(name for name, _ in per)
+    want = "prefill_wgmma_kernel" if family == "sm90" else "attn_tile_kernel"
+    assert want in names, names
+    want_out, _ = run_ref(ref.paged_prefill, inputs)
+    assert_close(out.astype(np.float32), want_out, 1e-2)

@@ -17,6 +17,10 @@
 #include "launchers.h"
 #include "tile_families.h"
 
+#ifndef JPA_WITH_SM90
+#define JPA_WITH_SM90 0
+#endif
+
 namespace jpa {
 namespace {
 
@@ -24,8 +28,20 @@ using cuda::AttnLaunch;
 using cuda::DeviceInfo;
 using cuda::TileInfo;
 
-cudaError_t tiles_for_dim(int64_t d, const AttnLaunch* L, int shape, DType page_dtype,
-                          TileInfo* info, dim3 grid, cudaStream_t stream) {
+cudaError_t tiles_for(cuda::Family family, int64_t d, const AttnLaunch* L, int shape,
+                      DType page_dtype, TileInfo* info, dim3 grid, cudaStream_t stream) {
+#if JPA_WITH_SM90
+  if (family == cuda::Family::kSm90) {
+    switch (d) {
+      case 64: return cuda::sm90_prefill_d64(L, page_dtype, info, grid, stream);
+      case 128: return cuda::sm90_prefill_d128(L, page_dtype, info, grid, stream);
+      case 256: return cuda::sm90_prefill_d256(L, page_dtype, info, grid, stream);
+      default: return cudaErrorInvalidValue;
+    }
+  }
+#else
+  if (family == cuda::Family::kSm90) return cudaErrorNotSupported;
+#endif
   switch (d) {
     case 64: return cuda::attn_tiles_d64(L, shape, page_dtype, info, grid, stream);
     case 128: return cuda::attn_tiles_d128(L, shape, page_dtype, info, grid, stream);
@@ -34,21 +50,35 @@ cudaError_t tiles_for_dim(int64_t d, const AttnLaunch* L, int shape, DType page_
   }
 }
 
-// Occupancy facts per (device, head_dim, shape, page dtype), queried once.
-cudaError_t cached_tile_info(int dev, int64_t d, int shape, DType page_dtype, TileInfo* out) {
-  using Key = std::tuple<int, int64_t, int, int>;
+// Occupancy facts per (device, family, head_dim, shape, page dtype), queried once.
+cudaError_t cached_tile_info(int dev, cuda::Family family, int64_t d, int shape,
+                             DType page_dtype, TileInfo* out) {
+  using Key = std::tuple<int, int, int64_t, int, int>;
   static std::mutex mu;
   static std::map<Key, TileInfo> cache;
-  const Key key{dev, d, shape, int(page_dtype)};
+  const Key key{dev, int(family), d, shape, int(page_dtype)};
   std::lock_guard<std::mutex> lock(mu);
   auto it = cache.find(key);
   if (it == cache.end()) {
     TileInfo ti;
-    JPA_CUDA_TRY(tiles_for_dim(d, nullptr, shape, page_dtype, &ti, dim3(), nullptr));
+    JPA_CUDA_TRY(tiles_for(family, d, nullptr, shape, page_dtype, &ti, dim3(), nullptr));
     it = cache.emplace(key, ti).first;
   }
   *out = it->second;
   return cudaSuccess;
+}
+
+// Kernel family of one call. The sm90 family (built with JPA_SM90) serves prefill with bf16
+// or f16 pages on compute capability 9.0. JPA_CUDA_FAMILY=sm90 selects it where it applies
+// (sm80 elsewhere); unset or "sm80": sm80 everywhere. sm80 stays the default until the sm90
+// kernels have passed the GPU suite on a Hopper card (docs/cuda_kernels.md).
+cuda::Family choose_family(const AttnParams& p, const DeviceInfo& di, int shape) {
+  const char* e = std::getenv("JPA_CUDA_FAMILY");
+  const bool want_sm90 = e != nullptr && std::strcmp(e, "sm90") == 0;
+  const bool fits = di.cc_major == 9 && di.cc_minor == 0 && !p.is_decode() &&
+                    shape != cuda::kShapeDecode &&
+                    (p.kv.dtype == DType::kBF16 || p.kv.dtype == DType::kF16);
+  return JPA_WITH_SM90 && want_sm90 && fits ? cuda::Family::kSm90 : cuda::Family::kSm80;
 }
 
 DType compute_dtype(DType page_dtype) {
@@ -120,10 +150,8 @@ cudaError_t PlanAttention(const AttnParams& p, AttnPlan* plan) {
   DeviceInfo di;
   int dev = 0;
   JPA_CUDA_TRY(cuda::current_device_info(&di, &dev));
-  // Kernel family: the portable sm80 one (mma.sync, cp.async) is the only one built so far;
-  // a Hopper (sm90) family will be chosen here on compute capability 9.0.
-  plan->family = cuda::Family::kSm80;
-  // Tile shape from the rows (token, group head) a request can have per KV head.
+  // Tile shape (of the sm80 family) from the rows (token, group head) a request can have per
+  // KV head; it also tells decode-like calls (few rows) from prefill.
   const int64_t max_rows = p.max_q_len * G;
   int shape = max_rows <= 16   ? cuda::kShapeDecode
               : max_rows <= 64 ? cuda::kShapePrefill64
@@ -142,8 +170,9 @@ cudaError_t PlanAttention(const AttnParams& p, AttnPlan* plan) {
   // Benchmarking knob: JPA_CUDA_LONGEST_FIRST=0 keeps batch order.
   if (const char* e = std::getenv("JPA_CUDA_LONGEST_FIRST"))
     if (std::strcmp(e, "0") == 0) L.longest_first = false;
+  plan->family = choose_family(p, di, shape);
   TileInfo ti;
-  JPA_CUDA_TRY(cached_tile_info(dev, D, shape, pd, &ti));
+  JPA_CUDA_TRY(cached_tile_info(dev, plan->family, D, shape, pd, &ti));
   if (ti.smem_bytes > di.max_smem_optin || ti.ctas_per_sm < 1) return cudaErrorInvalidConfiguration;
 
   const int64_t row_blocks = (p.max_q_len * G + ti.block_rows - 1) / ti.block_rows;
@@ -204,8 +233,8 @@ cudaError_t LaunchPlanned(const AttnPlan& plan, cudaStream_t stream) {
   if (plan.prepare_only) return cuda::launch_attn_prepare(L, stream);
   if (plan.grid.x == 0) return cudaSuccess;
   if (!L.fused_checks) JPA_CUDA_TRY(cuda::launch_attn_prepare(L, stream));
-  JPA_CUDA_TRY(tiles_for_dim(L.p.head_dim, &L, plan.shape, L.p.kv.dtype, nullptr, plan.grid,
-                             stream));
+  JPA_CUDA_TRY(tiles_for(plan.family, L.p.head_dim, &L, plan.shape, L.p.kv.dtype, nullptr,
+                         plan.grid, stream));
   if (L.num_splits > 1) JPA_CUDA_TRY(cuda::launch_attn_merge(L, stream));
   return cudaSuccess;
 }

@@ -32,9 +32,9 @@ struct DeviceInfo {
   int cc_minor = 0;
 };
 
-// Kernel families (ffi_src/cuda/sm80/, ...): sm80 is portable (mma.sync, cp.async; built for sm_80
-// and sm_90). Hopper's (wgmma, TMA; sm_90a) is the next to come.
-enum class Family { kSm80 };
+// Kernel families: sm80 (ffi_src/cuda/sm80/) is portable (mma.sync, cp.async; built for
+// sm_80 and sm_90); sm90 (ffi_src/cuda/sm90/) is Hopper's (wgmma; sm_90a only).
+enum class Family { kSm80, kSm90 };
 
 // Facts about the current device (cudaGetDevice), cached after the first call.
 cudaError_t current_device_info(DeviceInfo* info, int* device);
@@ -135,6 +135,13 @@ __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t 
       "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// 2^x with flush-to-zero (one MUFU op); the softmax's arguments are <= 0, -inf gives +0.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
 }
 
 // ---- output stores -----------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 // What the launcher (attn_launch.cu) knows of the attention kernel families: the launch facts
 // of a tile configuration, the tile shapes, and each family's entry points. The kernels
 // themselves live in the family folders (sm80/: mma.sync + cp.async, built for sm_80 and
-// sm_90); the launcher includes only this header, not the kernel templates.
+// sm_90; sm90/: wgmma, sm_90a); the launcher includes only this header, not the kernel
+// templates.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -36,6 +37,16 @@ cudaError_t attn_tiles_d128(const AttnLaunch* L, int shape, DType page_dtype, Ti
                             dim3 grid, cudaStream_t stream);
 cudaError_t attn_tiles_d256(const AttnLaunch* L, int shape, DType page_dtype, TileInfo* info,
                             dim3 grid, cudaStream_t stream);
+
+// sm90 family (sm90/: wgmma, compiled for sm_90a only, present when JPA_WITH_SM90): prefill
+// of bf16 / f16 pages, one entry point per head_dim, 128 packed rows per CTA. Same contract
+// as the sm80 entries (`L == nullptr`: fill `info` only).
+cudaError_t sm90_prefill_d64(const AttnLaunch* L, DType page_dtype, TileInfo* info, dim3 grid,
+                             cudaStream_t stream);
+cudaError_t sm90_prefill_d128(const AttnLaunch* L, DType page_dtype, TileInfo* info, dim3 grid,
+                              cudaStream_t stream);
+cudaError_t sm90_prefill_d256(const AttnLaunch* L, DType page_dtype, TileInfo* info, dim3 grid,
+                              cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace jpa

@@ -141,13 +141,6 @@ __device__ __forceinline__ void fp8_q_frag(uint32_t (&a)[4], const unsigned char
   a[3] = hi.y;
 }
 
-// 2^x with flush-to-zero (one MUFU op); arguments are <= 0 here, -inf gives +0.
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
 // ---- the two MMA steps of a key tile, for one warp ----
 // acc[mt][n], acc[mt][n + 1] += a[mt] x B for every row tile mt, where B is one k16 x n16
 // operand given as two n8 fragments: (b[0], b[1]) for n8 tile n, (b[2], b[3]) for tile n + 1.

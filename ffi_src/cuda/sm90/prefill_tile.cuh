@@ -1,0 +1,392 @@
+// The sm90 family's prefill kernel: warpgroup MMAs (wgmma, sm_90a) for S = Q K^T and
+// O += P V, fp32 accumulators in registers.
+//
+// One CTA = (KV split, KV head, request, block of 128 packed query rows), the same work
+// split, row packing (r = token * G + group head, so each K/V tile serves the whole GQA
+// group), key range and split policy as the sm80 tiles, so the launcher, the prepare kernel
+// and the split merge are shared. Two warpgroups of 128 threads; warpgroup w owns block rows
+// [64 w, 64 w + 64) and every key of each tile.
+//
+// Per key tile (BN keys): all 256 threads gather the keys' K and V rows from their pages with
+// 16-byte cp.async (any page size: keys are looked up one by one through key_row_elem) into a
+// kStages-deep ring; Q, K and V tiles are stored in 128-byte-swizzle atoms (hopper.cuh), the
+// layout the MMA reads through descriptors. Each warpgroup then issues D / 16 MMAs
+// m64 n{BN} k16 for S (A = Q, B = K, both K-major from shared memory), masks (mask.h), runs
+// the online softmax in fp32 registers (log2 domain), rounds P to the compute dtype in
+// registers and issues BN / 16 MMAs m64 n{D} k16 for O (A = P from registers, B = V read
+// MN-major: rows are keys, head_dim contiguous, as stored).
+//
+// Scope of this first version: prefill (the launcher keeps decode on sm80), 16-bit pages
+// (bf16 / f16; fp8 pages stay on sm80), head_dim 64 / 128 / 256. The prepare kernel has
+// checked every request and its pages (rule 1-3 of docs/semantics.md) and written the NaN
+// rows of invalid ones and the padding rows. Not yet here: TMA loads, producer / consumer
+// warp specialization and overlapping the softmax with the next tile's MMAs.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "../../common/index.h"
+#include "../../common/mask.h"
+#include "../attn_common.cuh"
+#include "../cuda_utils.cuh"
+#include "../tile_families.h"
+#include "hopper.cuh"
+#include "wgmma_ops.cuh"
+
+namespace jpa {
+namespace cuda {
+namespace sm90 {
+
+template <int D_, int BN_, typename CT_, int Stages_>
+struct PrefillCfg {
+  static constexpr int D = D_;
+  static constexpr int BN = BN_;
+  using CT = CT_;
+  static constexpr int kStages = Stages_;
+  static constexpr int kWarpgroups = 2;
+  static constexpr int kThreads = 128 * kWarpgroups;
+  static constexpr int BM = 64 * kWarpgroups;
+  static_assert(D % 64 == 0 && BN % 64 == 0, "whole 128-byte swizzle column blocks / atoms");
+  static constexpr int kChunks = D / 8;            // 16-byte chunks of one row
+  static constexpr int kQBytes = BM * D * 2;
+  static constexpr int kTileBytes = BN * D * 2;    // K (or V) of one stage
+  static constexpr int kStageBytes = 2 * kTileBytes;
+  // + 1024: the dynamic shared memory base is rounded up to a 1024-byte boundary.
+  static constexpr int kSmemBytes = 1024 + kQBytes + kStages * kStageBytes;
+};
+
+// Two consecutive outputs (element index i even) as `dt`.
+__device__ __forceinline__ void store2(void* base, int64_t i, DType dt, float x, float y) {
+  if (dt == DType::kF32) {
+    *reinterpret_cast<float2*>(static_cast<float*>(base) + i) = make_float2(x, y);
+  } else if (dt == DType::kBF16) {
+    *reinterpret_cast<uint32_t*>(static_cast<uint16_t*>(base) + i) =
+        TypeTraits<__nv_bfloat16>::pack(x, y);
+  } else {
+    *reinterpret_cast<uint32_t*>(static_cast<uint16_t*>(base) + i) = TypeTraits<__half>::pack(x, y);
+  }
+}
+
+template <class Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, 1)
+    prefill_wgmma_kernel(const __grid_constant__ AttnLaunch L) {
+  using CT = typename Cfg::CT;
+  constexpr int D = Cfg::D, BN = Cfg::BN, BM = Cfg::BM, NT = Cfg::kThreads;
+  constexpr int C = Cfg::kChunks;
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t raw_addr = smem_addr(smem_raw);
+  const uint32_t q_base = (raw_addr + 1023u) & ~1023u;
+  unsigned char* q_tile = smem_raw + (q_base - raw_addr);
+  const uint32_t stage_base = q_base + Cfg::kQBytes;
+
+  const AttnParams& p = L.p;
+  const int S = L.num_splits;
+  const int split = blockIdx.x % S;
+  const int kvh = blockIdx.x / S;
+  const int b = blockIdx.y;
+  const int rb = blockIdx.z;
+  const int G = L.group;
+  const int tid = threadIdx.x;
+
+  const ReqMeta meta = L.meta[b];
+  if (meta.status != kReqValid || meta.q_len == 0) return;  // prepare wrote those rows
+  const int rows_total = meta.q_len * G;
+  const int r0 = rb * BM;
+  if (r0 >= rows_total) return;
+
+  // Rows, positions and this split's keys: as in the sm80 tiles (the merge relies on it).
+  const int kv_len = meta.kv_len;
+  const int q_len = meta.q_len;
+  const int64_t window = p.window_left;
+  const bool causal = p.causal;
+  const int r_end = min(r0 + BM, rows_total);
+  const int pos_first = kv_len - q_len + r0 / G;
+  const int pos_last = kv_len - q_len + (r_end - 1) / G;
+  int64_t klo64, khi64;
+  block_key_range(pos_first, pos_last, kv_len, causal, window, &klo64, &khi64);
+  const int klo = int(klo64), khi = int(khi64);
+  const int64_t n_keys = khi - klo;
+  int64_t per = (n_keys + S - 1) / S;
+  per = (per + BN - 1) / BN * BN;
+  const int kb = int(min(int64_t(khi), klo + per * split));
+  const int ke = int(min(int64_t(khi), int64_t(kb) + per));
+  const int ntiles = (ke - kb + BN - 1) / BN;
+
+  // ---- K/V tile loader: thread tid copies chunk tid % C of keys tid / C + it * KP ----
+  constexpr int KP = NT / C;
+  constexpr int IT = BN / KP;
+  static_assert(NT % C == 0 && BN % KP == 0, "loader shape");
+  const int32_t* bt_row = p.block_tables + int64_t(b) * p.max_pages_per_req;
+  const char* k_src = static_cast<const char*>(p.kv.k);
+  const char* v_src = static_cast<const char*>(p.kv.v);
+  const int ch = tid % C;
+  auto issue_tile = [&](int stage, int j0) {
+    const uint32_t k_dst = stage_base + stage * Cfg::kStageBytes;
+#pragma unroll
+    for (int it = 0; it < IT; ++it) {
+      const int key = tid / C + it * KP;
+      const int j = j0 + key;
+      // Keys past ke (the tile's tail) are zero-filled: their P is 0 and 0 * 0 stays 0.
+      // The prepare kernel checked every page of [kb, ke); an index out of range would be
+      // zero-filled too, never dereferenced.
+      const int64_t e = j < ke ? key_row_elem(p.kv, bt_row, j, L.page_shift, kvh) : -1;
+      const char* ks = k_src;
+      const char* vs = v_src;
+      int bytes = 0;
+      if (e >= 0) {
+        ks += e * 2 + ch * 16;
+        vs += e * 2 + ch * 16;
+        bytes = 16;
+      }
+      const uint32_t off = sw128_offset(BN, key, ch);
+      cp_async_16(k_dst + off, ks, bytes);
+      cp_async_16(k_dst + Cfg::kTileBytes + off, vs, bytes);
+    }
+  };
+
+#pragma unroll
+  for (int s = 0; s < Cfg::kStages - 1; ++s) {
+    if (s < ntiles) issue_tile(s, kb + s * BN);
+    cp_async_commit();
+  }
+
+  // ---- stage Q: BM packed rows x D in the compute dtype ----
+  {
+    const int qbytes = dtype_bytes(p.q.dtype);
+    static_assert((BM * C) % NT == 0, "Q staging loop");
+#pragma unroll 2
+    for (int it = 0; it < BM * C / NT; ++it) {
+      const int idx = tid + it * NT;
+      const int r = idx / C, c = idx % C;
+      const int R = r0 + r;
+      uint4 v = make_uint4(0u, 0u, 0u, 0u);
+      if (R < rows_total) {
+        const int64_t tok = meta.row_begin + R / G;
+        const int64_t head = int64_t(kvh) * G + R % G;
+        const int64_t e = tok * p.q.stride_tok + head * p.q.stride_head + c * 8;
+        if (L.q_vec) {
+          v = *reinterpret_cast<const uint4*>(static_cast<const char*>(p.q.ptr) + e * qbytes);
+        } else {
+          uint32_t w[4];
+#pragma unroll
+          for (int k = 0; k < 4; ++k)
+            w[k] = TypeTraits<CT>::pack(load_as_float(p.q.ptr, e + 2 * k, p.q.dtype),
+                                        load_as_float(p.q.ptr, e + 2 * k + 1, p.q.dtype));
+          v = make_uint4(w[0], w[1], w[2], w[3]);
+        }
+      }
+      *reinterpret_cast<uint4*>(q_tile + sw128_offset(BM, r, c)) = v;
+    }
+  }
+
+  // ---- per-thread state: warpgroup wg, warp wi of it, lane (g = lane / 4, t = lane % 4).
+  // Accumulator value v of an n8 column chunk i sits at row g + 8 * (v / 2), column
+  // 8 i + 2 t + v % 2 of the warp's 16 rows (wgmma_ops.cuh).
+  const int wg = tid / 128, wi = (tid / 32) % 4, lane = tid % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int wrow0 = 64 * wg + 16 * wi;  // first block row of this warp
+  int pos_r[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int R = min(r0 + wrow0 + g + 8 * h, rows_total - 1);
+    pos_r[h] = kv_len - q_len + R / G;
+  }
+  // Positions of this warpgroup's rows, for the full-tile test.
+  const int wg_first = kv_len - q_len + min(r0 + 64 * wg, rows_total - 1) / G;
+  const int wg_last = kv_len - q_len + min(r0 + 64 * wg + 63, rows_total - 1) / G;
+  const float qk_scale = p.sm_scale * p.scales[0];
+  const float v_scale = p.scales[1];
+  const bool use_cap = p.softcap > 0.0f;
+  const float scale_log2 = qk_scale * kLog2e;
+  const float cap_in = use_cap ? qk_scale / p.softcap : 0.0f;
+  const float cap_out = p.softcap * kLog2e;
+
+  float o_acc[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) o_acc[i] = 0.0f;
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};
+
+  const uint32_t q_wg = q_base + 64 * wg * 128;  // this warpgroup's 64 rows of each block
+  int stage = 0;
+  for (int tile = 0; tile < ntiles; ++tile) {
+    const int j0 = kb + tile * BN;
+    constexpr int kAhead = Cfg::kStages - 1;
+    if (tile + kAhead < ntiles) issue_tile(stage == 0 ? kAhead : stage - 1, j0 + kAhead * BN);
+    cp_async_commit();
+    cp_async_wait<Cfg::kStages - 1>();
+    fence_proxy_async_shared();  // this thread's copies (and Q) -> visible to the MMA unit
+    __syncthreads();
+
+    const uint32_t k_base = stage_base + stage * Cfg::kStageBytes;
+    const uint32_t v_base = k_base + Cfg::kTileBytes;
+
+    // ---- S = Q K^T: D / 16 k-steps; a step is 32 bytes inside a 64-wide column block ----
+    float s_acc[BN / 2];
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) s_acc[i] = 0.0f;  // overwritten (accumulate 0), but defined
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint32_t col = (kk / 4), within = (kk % 4) * 32;
+      const uint64_t da = sw128_desc(q_wg + col * BM * 128 + within, 16, 1024);
+      const uint64_t db = sw128_desc(k_base + col * BN * 128 + within, 16, 1024);
+      Wgmma<BN, CT>::ss(s_acc, da, db, kk > 0 ? 1 : 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_registers(s_acc);
+
+    // ---- logits (log2 domain), mask, online softmax ----
+    const bool full = tile_all_visible(j0, j0 + BN, ke, wg_first, wg_last, causal, window);
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int i = 0; i < BN / 8; ++i) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float x = s_acc[4 * i + e];
+        x = use_cap ? cap_out * tanhf(x * cap_in) : x * scale_log2;
+        if (!full) {
+          const int j = j0 + 8 * i + 2 * t + (e & 1);
+          if (!(j < ke && key_visible(pos_r[e >> 1], j, causal, window))) x = -INFINITY;
+        }
+        s_acc[4 * i + e] = x;
+        mx[e >> 1] = fmaxf(mx[e >> 1], x);
+      }
+    }
+    float m_use[2], alpha[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+      const float m_new = fmaxf(m_run[h], mx[h]);
+      m_use[h] = m_new == -INFINITY ? 0.0f : m_new;
+      alpha[h] = fast_exp2(m_run[h] - m_use[h]);
+      m_run[h] = m_new;
+      l_run[h] *= alpha[h];
+    }
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      o_acc[4 * i + 0] *= alpha[0];
+      o_acc[4 * i + 1] *= alpha[0];
+      o_acc[4 * i + 2] *= alpha[1];
+      o_acc[4 * i + 3] *= alpha[1];
+    }
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) {
+      const float pr = fast_exp2(s_acc[i] - m_use[(i >> 1) & 1]);
+      l_run[(i >> 1) & 1] += pr;
+      s_acc[i] = pr;
+    }
+
+    // ---- O += P V: BN / 16 k-steps of 16 keys (2048 bytes of V rows each) ----
+    // P in the compute dtype, all of it before the fence: the n8 chunks 2 kk and 2 kk + 1 of
+    // S are the A fragment of k-step kk (and registers written between two MMAs would make
+    // ptxas insert a fence before each).
+    uint32_t pa[BN / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk)
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+        pa[kk][q] = TypeTraits<CT>::pack(s_acc[8 * kk + 2 * q], s_acc[8 * kk + 2 * q + 1]);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      const uint64_t dv = sw128_desc(v_base + kk * 16 * 128, BN * 128, 1024);
+      Wgmma<D, CT>::rs(o_acc, pa[kk], dv, 1);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_registers(o_acc);
+    __syncthreads();  // this stage may be overwritten next
+    stage = stage + 1 == Cfg::kStages ? 0 : stage + 1;
+  }
+  cp_async_wait<0>();
+
+  // ---- epilogue: each thread's two rows, all keys of this split ----
+  const int64_t Hq = p.num_q_heads;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 1);
+    l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 2);
+    const int R = r0 + wrow0 + g + 8 * h;
+    if (R >= rows_total) continue;
+    const int64_t tok = meta.row_begin + R / G;
+    const int64_t head = int64_t(kvh) * G + R % G;
+    const int64_t row_id = tok * Hq + head;
+    const float M = m_run[h], lsum = l_run[h];
+    if (S == 1) {
+      float lse_nat = -INFINITY;
+      float f = 0.0f;
+      if (lsum > 0.0f) {
+        float lse2 = M + log2f(lsum);
+        if (p.sinks != nullptr) {
+          const float sink2 = p.sinks[head] * kLog2e;
+          const float mm = fmaxf(lse2, sink2);
+          lse2 = mm + log2f(exp2f(lse2 - mm) + exp2f(sink2 - mm));
+        }
+        f = exp2f(M - lse2) * v_scale;
+        lse_nat = lse2 * kLn2;
+      }
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i)
+        store2(p.out, row_id * D + 8 * i + 2 * t, p.out_dtype, o_acc[4 * i + 2 * h] * f,
+               o_acc[4 * i + 2 * h + 1] * f);
+      if (t == 0) p.lse[row_id] = lse_nat;
+    } else {
+      // Split partial, normalized; an empty split gets weight 0 (lse -inf) and zeros.
+      const int64_t prow = int64_t(split) * p.num_tokens * Hq + row_id;
+      float f = 0.0f, lse2 = -INFINITY;
+      if (lsum > 0.0f) {
+        lse2 = M + log2f(lsum);
+        f = exp2f(M - lse2) * v_scale;
+      }
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i)
+        *reinterpret_cast<float2*>(L.part_out + prow * D + 8 * i + 2 * t) =
+            make_float2(o_acc[4 * i + 2 * h] * f, o_acc[4 * i + 2 * h + 1] * f);
+      if (t == 0) L.part_lse[prow] = lse2;
+    }
+  }
+}
+
+template <class Cfg>
+struct PrefillRunner {
+  static cudaError_t info(TileInfo* ti) {
+    auto* fn = prefill_wgmma_kernel<Cfg>;
+    JPA_CUDA_TRY(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      Cfg::kSmemBytes));
+    int occ = 0;
+    JPA_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, fn, Cfg::kThreads,
+                                                               Cfg::kSmemBytes));
+    ti->threads = Cfg::kThreads;
+    ti->smem_bytes = Cfg::kSmemBytes;
+    ti->block_rows = Cfg::BM;
+    ti->ctas_per_sm = occ;
+    return cudaSuccess;
+  }
+  static cudaError_t launch(const AttnLaunch& L, dim3 grid, cudaStream_t stream) {
+    prefill_wgmma_kernel<Cfg><<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(L);
+    return cudaGetLastError();
+  }
+};
+
+// One head_dim's entry: bf16 or f16 pages (compute dtype = page dtype).
+template <int D, int BN, int Stages>
+cudaError_t prefill_dispatch(const AttnLaunch* L, DType page_dtype, TileInfo* info, dim3 grid,
+                             cudaStream_t stream) {
+  auto run = [&](auto runner) -> cudaError_t {
+    using R = decltype(runner);
+    if (L == nullptr) return R::info(info);
+    return R::launch(*L, grid, stream);
+  };
+  switch (page_dtype) {
+    case DType::kBF16: return run(PrefillRunner<PrefillCfg<D, BN, __nv_bfloat16, Stages>>{});
+    case DType::kF16: return run(PrefillRunner<PrefillCfg<D, BN, __half, Stages>>{});
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace sm90
+}  // namespace cuda
+}  // namespace jpa
