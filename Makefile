@@ -33,7 +33,8 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 build: setup
 	@if [ "$(JPA_CUDA)" != OFF ] && command -v nvcc >/dev/null 2>&1; then \
 	  echo "jax_paged_attn: building the extension with the CUDA kernels (nvcc: $$(command -v nvcc);" \
-	       "sm80 family for sm_80 and sm_90), about 3-4 minutes on 2 cores; JPA_CUDA=OFF skips them"; \
+	       "sm80 family for sm_80 and sm_90, sm90 family for sm_90a), about 3-4 minutes on 2 cores;" \
+	       "JPA_CUDA=OFF skips them"; \
 	else \
 	  echo "jax_paged_attn: building the CPU-only extension (JPA_CUDA=$(JPA_CUDA), nvcc" \
 	       "$$(command -v nvcc >/dev/null 2>&1 && echo found || echo not found)), under a minute"; \

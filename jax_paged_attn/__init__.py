@@ -3,7 +3,7 @@ with a CPU FFI path and a pure-jnp reference."""
 
 from jax import export as _export
 
-from . import _registry, reference
+from . import _registry, reference, sharding
 from .api import append_kv, paged_decode, paged_prefill
 from .metadata import check_metadata
 from .ragged import ragged_append_kv, ragged_paged_attention
@@ -20,5 +20,5 @@ _registry.register_if_built()
 
 __all__ = ["paged_decode", "paged_prefill", "append_kv", "StridedView", "split_qkv",
            "check_metadata", "reference", "EXPORT_DISABLED_CHECKS", "ragged_paged_attention",
-           "ragged_append_kv"]
+           "ragged_append_kv", "sharding"]
 __version__ = "0.1.0"

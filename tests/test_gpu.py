@@ -681,3 +681,23 @@ def test_family_switch_runs_that_familys_kernel(family, monkeypatch):
     assert want in names, names
     want_out, _ = run_ref(ref.paged_prefill, inputs)
     assert_close(out.astype(np.float32), want_out, 1e-2)
+
+
+@on_shard(5)
+def test_sm90_wgmma_layouts(tmp_path):
+    """The sm90 family's descriptors, swizzle and register layouts on the GPU itself
+    (tests/cuda/sm90_wgmma_check.cu: S = Q K^T and O = P V of one warpgroup against a
+    double-precision product; swapped V offsets must fail)."""
+    import shutil
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("no nvcc")
+    if GPU.compute_capability != "9.0":
+        pytest.skip("wgmma needs compute capability 9.0")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    exe = tmp_path / "sm90_wgmma_check"
+    subprocess.run([nvcc, "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-I", root,
+                    os.path.join(root, "tests", "cuda", "sm90_wgmma_check.cu"), "-o", str(exe)],
+                   check=True, capture_output=True, text=True, timeout=300)
+    res = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "sm90_wgmma_check: OK" in res.stdout, res.stdout + res.stderr

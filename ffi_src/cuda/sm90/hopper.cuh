@@ -48,11 +48,20 @@ __device__ __forceinline__ void wgmma_wait() {
 
 // The MMA writes its accumulators asynchronously, but the compiler sees them written by the
 // issuing asm. After wgmma_wait this empty asm "redefines" each register, so no read of the
-// accumulators is moved above the wait (and no write below the next issue).
+// accumulators is moved above the wait; before wgmma_fence it keeps the last ordinary writes
+// of accumulators and A registers above the fence.
 template <int N>
 __device__ __forceinline__ void fence_registers(float (&r)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+template <int N, int K>
+__device__ __forceinline__ void fence_registers(uint32_t (&r)[N][K]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int k = 0; k < K; ++k) asm volatile("" : "+r"(r[i][k])::"memory");
 }
 
 // Shared memory written by threads (cp.async, st.shared) becomes visible to the MMA unit's

@@ -85,7 +85,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const int split = blockIdx.x % S;
   const int kvh = blockIdx.x / S;
   const int b = blockIdx.y;
-  const int rb = blockIdx.z;
+  const int rb = L.row_blocks - 1 - int(blockIdx.z);  // heaviest (latest) row blocks first
   const int G = L.group;
   const int tid = threadIdx.x;
 
@@ -225,6 +225,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     float s_acc[BN / 2];
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) s_acc[i] = 0.0f;  // overwritten (accumulate 0), but defined
+    // Register fences before the MMA fence: no write of these registers may move past it.
+    fence_registers(s_acc);
+    fence_registers(o_acc);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
@@ -289,6 +292,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 #pragma unroll
       for (int q = 0; q < 4; ++q)
         pa[kk][q] = TypeTraits<CT>::pack(s_acc[8 * kk + 2 * q], s_acc[8 * kk + 2 * q + 1]);
+    fence_registers(pa);
+    fence_registers(o_acc);  // the rescale above stays before the MMAs
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
@@ -316,6 +321,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     const int64_t row_id = tok * Hq + head;
     const float M = m_run[h], lsum = l_run[h];
     if (S == 1) {
+      // No visible key: zeros (written as such, never 0 * whatever V held), lse -inf.
       float lse_nat = -INFINITY;
       float f = 0.0f;
       if (lsum > 0.0f) {
@@ -328,10 +334,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         f = exp2f(M - lse2) * v_scale;
         lse_nat = lse2 * kLn2;
       }
+      const bool any = lsum > 0.0f;
 #pragma unroll
       for (int i = 0; i < D / 8; ++i)
-        store2(p.out, row_id * D + 8 * i + 2 * t, p.out_dtype, o_acc[4 * i + 2 * h] * f,
-               o_acc[4 * i + 2 * h + 1] * f);
+        store2(p.out, row_id * D + 8 * i + 2 * t, p.out_dtype,
+               any ? o_acc[4 * i + 2 * h] * f : 0.0f, any ? o_acc[4 * i + 2 * h + 1] * f : 0.0f);
       if (t == 0) p.lse[row_id] = lse_nat;
     } else {
       // Split partial, normalized; an empty split gets weight 0 (lse -inf) and zeros.
@@ -341,10 +348,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         lse2 = M + log2f(lsum);
         f = exp2f(M - lse2) * v_scale;
       }
+      const bool any = lsum > 0.0f;
 #pragma unroll
       for (int i = 0; i < D / 8; ++i)
         *reinterpret_cast<float2*>(L.part_out + prow * D + 8 * i + 2 * t) =
-            make_float2(o_acc[4 * i + 2 * h] * f, o_acc[4 * i + 2 * h + 1] * f);
+            any ? make_float2(o_acc[4 * i + 2 * h] * f, o_acc[4 * i + 2 * h + 1] * f)
+                : make_float2(0.0f, 0.0f);
       if (t == 0) L.part_lse[prow] = lse2;
     }
   }
