@@ -127,6 +127,9 @@ def main(argv=None):
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--tp", type=int, default=1,
+                    help="tensor-parallel degree of the paged engine (the baseline stays on one "
+                         "device)")
     ap.add_argument("--out", default=os.environ.get("OUT", "./out"))
     args = ap.parse_args(argv)
     if args.smoke:
@@ -152,8 +155,10 @@ def main(argv=None):
 
     t_start = time.perf_counter()
     rng = np.random.default_rng(0)
+    mesh = llama.tp_mesh(args.tp)
+    report["tp"] = args.tp
     paged = engine.Engine(params, cfg, num_pages=pages, max_batch=args.slots,
-                          token_budget=args.budget, **eng_args)
+                          token_budget=args.budget, mesh=mesh, **eng_args)
     warm_up(paged, prompt, cfg.vocab)
     phase("paged", drive(paged, make_requests(rng, args.requests, prompt, output, cfg.vocab)))
     del paged

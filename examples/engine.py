@@ -45,7 +45,11 @@ class Request:
 class Engine:
     def __init__(self, params, cfg: llama.Config, *, num_pages: int, page_size: int,
                  max_batch: int, token_budget: int, max_seq_len: int, chunk: int,
-                 cache_fill: float = 0.0):
+                 cache_fill: float = 0.0, mesh=None):
+        """`mesh`: run tensor-parallel over its axis "tp" (llama.paged_forward): the weights
+        are placed with llama.shard_params and the caches split on their KV-head axis."""
+        if mesh is not None:
+            params = llama.shard_params(params, cfg, mesh)
         self.params, self.cfg = params, cfg
         self.page_size, self.max_batch, self.budget, self.chunk = (page_size, max_batch,
                                                                    token_budget, chunk)
@@ -56,20 +60,23 @@ class Engine:
         # Slots no request has written are never read; tests fill them with NaN to show it.
         self.k_cache = jnp.full(shape, cache_fill, dt)
         self.v_cache = jnp.full(shape, cache_fill, dt)
+        if mesh is not None:
+            self.k_cache = jax.device_put(self.k_cache, llama.cache_sharding(mesh))
+            self.v_cache = jax.device_put(self.v_cache, llama.cache_sharding(mesh))
         self.running: list[Request] = []
         self.waiting: list[Request] = []
         self.finished: list[Request] = []
         self.steps = 0
         self._step = jax.jit(functools.partial(self._device_step, cfg, page_size,
-                                               min(chunk, token_budget)),
+                                               min(chunk, token_budget), mesh),
                              donate_argnums=(1, 2))
 
     @staticmethod
-    def _device_step(cfg, page_size, max_q_len, params, k_cache, v_cache, tokens,
+    def _device_step(cfg, page_size, max_q_len, mesh, params, k_cache, v_cache, tokens,
                      block_tables, start, num_new):
         logits, k_cache, v_cache = llama.paged_forward(
             params, cfg, tokens, k_cache, v_cache, block_tables, start, num_new,
-            page_size=page_size, max_q_len=max_q_len)
+            page_size=page_size, max_q_len=max_q_len, mesh=mesh)
         last = jnp.clip(jnp.cumsum(num_new) - 1, 0, tokens.shape[0] - 1)   # each request's
         return jnp.argmax(logits[last], axis=-1).astype(jnp.int32), k_cache, v_cache
 

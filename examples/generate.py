@@ -41,6 +41,8 @@ def main(argv=None):
     ap.add_argument("--budget", type=int, default=64, help="tokens per step")
     ap.add_argument("--chunk", type=int, default=32, help="largest prefill chunk")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tp", type=int, default=1,
+                    help="tensor-parallel degree (heads and MLP split over that many devices)")
     args = ap.parse_args(argv)
 
     cfg = llama.LLAMA3_8B if args.model == "8b" else llama.Config()
@@ -49,7 +51,7 @@ def main(argv=None):
     max_len = args.prompt[1] + args.output[1]
     eng = engine.Engine(params, cfg, num_pages=args.pages, page_size=args.page_size,
                         max_batch=args.max_batch, token_budget=args.budget,
-                        max_seq_len=max_len, chunk=args.chunk)
+                        max_seq_len=max_len, chunk=args.chunk, mesh=llama.tp_mesh(args.tp))
     arrival = 0.0
     for i in range(args.requests):
         if args.rate > 0:

@@ -17,6 +17,8 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jax_paged_attn as jpa
 from jax_paged_attn.cache import step_metadata
@@ -120,40 +122,113 @@ def _rotated_qkv(cfg, h, wqkv, positions):
         h.shape[0], cfg.qkv_width)
 
 
-def _mlp(cfg, x, lw):
+def _mlp(cfg, x, lw, reduce=lambda y: y):
+    """x + SwiGLU(x); `reduce` sums the row-parallel down projection under tensor
+    parallelism."""
     h = rms_norm(x, lw["mlp_norm"], cfg.eps)
-    return x + (jax.nn.silu(h @ lw["w_gate"]) * (h @ lw["w_up"])) @ lw["w_down"]
+    return x + reduce((jax.nn.silu(h @ lw["w_gate"]) * (h @ lw["w_up"])) @ lw["w_down"])
 
 
 _LAYER_KEYS = ("attn_norm", "wqkv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
 
 
 def paged_forward(params, cfg: Config, tokens, k_cache, v_cache, block_tables, start,
-                  num_new, *, page_size: int, max_q_len: int):
+                  num_new, *, page_size: int, max_q_len: int, mesh=None):
     """One serving step. `tokens` [T] are the new tokens of the batch packed in request order
     (request b brings num_new[b] of them after start[b] cached ones; the rest is padding);
-    the caches are stacked [L, P, page, Hkv, D]. Returns (logits [T, V], k_cache, v_cache)."""
+    the caches are stacked [L, P, page, Hkv, D]. Returns (logits [T, V], k_cache, v_cache).
+
+    With `mesh` (an axis "tp"), the layers run tensor-parallel: `params` and the caches as
+    `shard_params` / `cache_sharding` place them, each device attends over its own heads'
+    pages and computes its share of the MLP, and one all-reduce per block sums the
+    row-parallel projections (Megatron)."""
     meta = step_metadata(block_tables, start, num_new, num_tokens=tokens.shape[0],
                          page_size=page_size)
     x = params["embed"][tokens]
+    tp = 1 if mesh is None else int(mesh.shape["tp"])
+    local = dataclasses.replace(cfg, heads=cfg.heads // tp, kv_heads=cfg.kv_heads // tp,
+                                mlp=cfg.mlp // tp)
 
-    def layer(carry, xs):
-        x, kc, vc = carry
-        i, lw = xs
-        h = rms_norm(x, lw["attn_norm"], cfg.eps)
-        q, k, v = jpa.split_qkv(_rotated_qkv(cfg, h, lw["wqkv"], meta.positions),
-                                cfg.heads, cfg.kv_heads)
-        kc, vc = jpa.append_kv(kc, vc, k, v, meta.slot_mapping, layer=i)
-        att = jpa.paged_prefill(q, kc, vc, block_tables, meta.seq_lens, meta.cu_seqlens_q,
-                                max_q_len=max_q_len, layer=i)
-        x = x + att.reshape(x.shape[0], -1) @ lw["wo"]
-        return (_mlp(cfg, x, lw), kc, vc), None
+    def reduce(y):
+        return y if mesh is None else jax.lax.psum(y, "tp")
 
-    layers = {name: params[name] for name in _LAYER_KEYS}
-    (x, k_cache, v_cache), _ = jax.lax.scan(
-        layer, (x, k_cache, v_cache), (jnp.arange(cfg.layers, dtype=jnp.int32), layers))
+    def layers_scan(x, k_cache, v_cache, lws, positions, slot_mapping, seq_lens, cu):
+        def layer(carry, xs):
+            x, kc, vc = carry
+            i, lw = xs
+            h = rms_norm(x, lw["attn_norm"], local.eps)
+            q, k, v = jpa.split_qkv(_rotated_qkv(local, h, lw["wqkv"], positions),
+                                    local.heads, local.kv_heads)
+            kc, vc = jpa.append_kv(kc, vc, k, v, slot_mapping, layer=i)
+            att = jpa.paged_prefill(q, kc, vc, block_tables, seq_lens, cu,
+                                    max_q_len=max_q_len, layer=i)
+            x = x + reduce(att.reshape(x.shape[0], -1) @ lw["wo"])
+            return (_mlp(local, x, lw, reduce), kc, vc), None
+
+        return jax.lax.scan(layer, (x, k_cache, v_cache),
+                            (jnp.arange(cfg.layers, dtype=jnp.int32), lws))[0]
+
+    lws = {name: params[name] for name in _LAYER_KEYS}
+    args = (x, k_cache, v_cache, lws, meta.positions, meta.slot_mapping, meta.seq_lens,
+            meta.cu_seqlens_q)
+    if mesh is None:
+        x, k_cache, v_cache = layers_scan(*args)
+    else:
+        rep, cache = P(), _CACHE_SPEC
+        x, k_cache, v_cache = jax.shard_map(
+            layers_scan, mesh=mesh,
+            in_specs=(rep, cache, cache, dict(_LAYER_SPECS), rep, rep, rep, rep),
+            out_specs=(rep, cache, cache))(*args)
     logits = rms_norm(x, params["final_norm"], cfg.eps) @ params["lm_head"]
     return logits.astype(jnp.float32), k_cache, v_cache
+
+
+# ---- tensor parallelism (Megatron): column-parallel QKV / gate / up, row-parallel o / down;
+# the stacked caches [L, P, page, Hkv, D] split on their KV-head axis.
+_CACHE_SPEC = P(None, None, None, "tp", None)
+_LAYER_SPECS = {"attn_norm": P(), "mlp_norm": P(), "wqkv": P(None, None, "tp"),
+                "wo": P(None, "tp", None), "w_gate": P(None, None, "tp"),
+                "w_up": P(None, None, "tp"), "w_down": P(None, "tp", None)}
+
+
+def _qkv_by_device(cfg: Config, wqkv, tp: int):
+    """Columns of the fused projection regrouped [q | k | v] per device, so a contiguous
+    split over `tp` devices gives each its own q heads, KV heads and their V heads."""
+    L, H = wqkv.shape[:2]
+    w = wqkv.reshape(L, H, cfg.heads + 2 * cfg.kv_heads, cfg.head_dim)
+    hq, hkv = cfg.heads // tp, cfg.kv_heads // tp
+    q = w[:, :, :cfg.heads].reshape(L, H, tp, hq, cfg.head_dim)
+    k = w[:, :, cfg.heads:cfg.heads + cfg.kv_heads].reshape(L, H, tp, hkv, cfg.head_dim)
+    v = w[:, :, cfg.heads + cfg.kv_heads:].reshape(L, H, tp, hkv, cfg.head_dim)
+    return jnp.concatenate([q, k, v], axis=3).reshape(L, H, -1)
+
+
+def shard_params(params: dict, cfg: Config, mesh) -> dict:
+    """`params` placed for `paged_forward(..., mesh=mesh)`: layer weights split Megatron-style
+    over mesh axis "tp" (heads, KV heads and the MLP width must divide by it), the rest
+    replicated."""
+    tp = int(mesh.shape["tp"])
+    for name, n in (("heads", cfg.heads), ("kv_heads", cfg.kv_heads), ("mlp", cfg.mlp)):
+        if n % tp:
+            raise ValueError(f"tensor parallelism: {name}={n} does not divide by tp={tp}")
+    out = dict(params, wqkv=_qkv_by_device(cfg, params["wqkv"], tp))
+    return {name: jax.device_put(x, NamedSharding(mesh, _LAYER_SPECS.get(name, P())))
+            for name, x in out.items()}
+
+
+def tp_mesh(n: int):
+    """A mesh of the first `n` devices on axis "tp", or None for n <= 1."""
+    if n <= 1:
+        return None
+    devices = jax.devices()
+    if len(devices) < n:
+        raise ValueError(f"--tp {n}: only {len(devices)} devices here")
+    return jax.sharding.Mesh(np.array(devices[:n]), ("tp",))
+
+
+def cache_sharding(mesh):
+    """Sharding of the stacked caches under `paged_forward(..., mesh=mesh)`."""
+    return NamedSharding(mesh, _CACHE_SPEC)
 
 
 def dense_forward(params, cfg: Config, tokens):

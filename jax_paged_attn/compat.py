@@ -22,6 +22,8 @@ What each name below is, and what differs between versions:
 * `NOT_MAPPED`: the batch dimension of an unbatched operand in a batching rule. jax passes
   None; old jax spelled it `batching.not_mapped` (None too), which 0.10 and 0.12 no longer
   have, so this is None there.
+* `varying_axes`: results of our primitives inside `shard_map` vary over the mesh axes their
+  operands vary over (`ShapedArray(..., manual_axis_type=...)`, private, 0.10.2 - 0.12.0.1).
 * `shard_map` is `jax.shard_map` in every supported version (the tests use it directly; the
   deprecated `jax.experimental.shard_map` is not used).
 """
@@ -40,6 +42,34 @@ try:
     from jax.core import ShapedArray  # noqa: F401
 except ImportError:  # pragma: no cover - not seen in any supported version
     from jax._src.core import ShapedArray  # noqa: F401
+
+
+try:
+    from jax._src.core import ManualAxisType as _ManualAxisType
+except ImportError:  # pragma: no cover - not seen in any supported version
+    _ManualAxisType = None
+
+
+def varying_axes(*avals) -> dict:
+    """ShapedArray keywords for a result of our primitives inside `shard_map`: it varies
+    over every mesh axis any operand varies over (without it a result, e.g. a cache carried
+    through a scan, loses its operand's type and shard_map's check rejects the carry).
+    `manual_axis_type` (with `.varying`) is private; it is the same in jax 0.10.2 - 0.12.0.1.
+    Outside shard_map, or should it move, this is {} (the plain ShapedArray)."""
+    if _ManualAxisType is None:
+        return {}
+    varying, mesh = frozenset(), None
+    for a in avals:
+        v = getattr(getattr(a, "manual_axis_type", None), "varying", frozenset())
+        if v and mesh is None:
+            mesh = a.sharding.mesh  # the (abstract) mesh the manual axes belong to
+        varying |= v
+    if not varying:
+        return {}
+    # A manual axis type needs a sharding on that mesh; nothing is sharded inside shard_map
+    # (the spec is padded to the result's rank).
+    return {"sharding": jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+            "manual_axis_type": _ManualAxisType(varying=varying)}
 
 
 def _apply_primitive_via_jit(prim, *args, **params):

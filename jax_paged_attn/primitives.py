@@ -32,13 +32,15 @@ _GPU_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 def _attention_abstract_eval(q_base, *operands, q_shape, out_dtype, **_):
     t, hq, _d = q_shape
-    return (compat.ShapedArray(tuple(q_shape), np.dtype(out_dtype)),
-            compat.ShapedArray((t, hq), np.dtype(np.float32)))
+    vary = compat.varying_axes(q_base, *operands)
+    return (compat.ShapedArray(tuple(q_shape), np.dtype(out_dtype), **vary),
+            compat.ShapedArray((t, hq), np.dtype(np.float32), **vary))
 
 
 def _append_abstract_eval(k_pages, v_pages, *operands, **_):
-    return (compat.ShapedArray(k_pages.shape, k_pages.dtype),
-            compat.ShapedArray(v_pages.shape, v_pages.dtype))
+    vary = compat.varying_axes(k_pages, v_pages, *operands)
+    return (compat.ShapedArray(k_pages.shape, k_pages.dtype, **vary),
+            compat.ShapedArray(v_pages.shape, v_pages.dtype, **vary))
 
 
 for _p, _eval in ((decode_p, _attention_abstract_eval), (prefill_p, _attention_abstract_eval),
