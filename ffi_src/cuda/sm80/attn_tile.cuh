@@ -31,6 +31,7 @@
 #include "../attn_common.cuh"
 #include "../cuda_utils.cuh"
 #include "../tile_families.h"
+#include "../tile_work.cuh"
 
 namespace jpa {
 namespace cuda {
@@ -333,33 +334,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinCtasPerSm) attn_tile_k
     meta = L.meta[b];
     if (meta.status != kReqValid) return;  // the prepare kernel wrote its NaN rows
   }
-  if (meta.q_len == 0) return;
-  const int rows_total = meta.q_len * G;
-  const int r0 = rb * BM;
-  if (r0 >= rows_total) return;
-
-  // 32-bit row and key math from here on: rows_total <= T * Hq < 2^31, and key indices (plus
-  // one tile) stay below 2^31 because the launcher bounds the block table's capacity. Every
-  // memory offset below is formed in int64 (docs/int64_audit.md).
+  if (meta.q_len == 0 || rb * BM >= meta.q_len * G) return;
+  // The block's rows, positions and this split's keys (tile_work.cuh, shared with sm90).
+  const TileWork w = tile_work<BM, BN>(p, meta, G, rb, split, S);
+  const int rows_total = w.rows_total, r0 = w.r0, r_end = w.r_end;
+  const int pos_first = w.pos_first, pos_last = w.pos_last;
+  const int kb = w.kb, ke = w.ke, ntiles = w.ntiles;
   const int kv_len = meta.kv_len;
   const int q_len = meta.q_len;
   const int64_t window = p.window_left;
   const bool causal = p.causal;
-
-  // Key range of the block: the union of its rows' visible ranges.
-  const int r_end = min(r0 + BM, rows_total);
-  const int pos_first = kv_len - q_len + r0 / G;
-  const int pos_last = kv_len - q_len + (r_end - 1) / G;
-  int64_t klo64, khi64;
-  block_key_range(pos_first, pos_last, kv_len, causal, window, &klo64, &khi64);
-  const int klo = int(klo64), khi = int(khi64);
-  // This split's share, whole tiles each.
-  const int64_t n_keys = khi - klo;
-  int64_t per = (n_keys + S - 1) / S;
-  per = (per + BN - 1) / BN * BN;
-  const int kb = int(min(int64_t(khi), klo + per * split));
-  const int ke = int(min(int64_t(khi), int64_t(kb) + per));
-  const int ntiles = (ke - kb + BN - 1) / BN;
 
   // Fused checks: NaN rows (one split) or NaN split lse (the merge then writes NaN rows) for
   // an invalid request or one with a page index out of range in [kb, ke).
@@ -479,34 +463,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinCtasPerSm) attn_tile_k
 
   // ---- stage Q: BM packed rows x D, compute dtype, swizzled (visible to every warp after
   // the first __syncthreads of the loop) ----
-  {
-    const int qbytes = dtype_bytes(p.q.dtype);
-    static_assert((BM * (D / 8)) % NT == 0, "Q staging loop");
-#pragma unroll 2
-    for (int it = 0; it < BM * (D / 8) / NT; ++it) {
-      const int idx = tid + it * NT;
-      const int r = idx / (D / 8), c = idx % (D / 8);
-      const int R = r0 + r;
-      uint4 v = make_uint4(0u, 0u, 0u, 0u);
-      if (R < rows_total) {
-        const int64_t tok = meta.row_begin + R / G;
-        const int64_t head = int64_t(kvh) * G + R % G;
-        // int64: a strided q (a packed QKV) passes 2^31 elements/bytes at large T.
-        const int64_t e = tok * p.q.stride_tok + head * p.q.stride_head + c * 8;
-        if (L.q_vec) {
-          v = *reinterpret_cast<const uint4*>(static_cast<const char*>(p.q.ptr) + e * qbytes);
-        } else {
-          uint32_t w[4];
-#pragma unroll
-          for (int k = 0; k < 4; ++k)
-            w[k] = TypeTraits<CT>::pack(load_as_float(p.q.ptr, e + 2 * k, p.q.dtype),
-                                        load_as_float(p.q.ptr, e + 2 * k + 1, p.q.dtype));
-          v = make_uint4(w[0], w[1], w[2], w[3]);
-        }
-      }
-      *reinterpret_cast<uint4*>(smem + swz<D>(r, c)) = v;
-    }
-  }
+  stage_q<CT, D, BM, NT>(L, meta, kvh, w, tid, smem,
+                         [](int r, int c) { return swz<D>(r, c); });
 
 
   int stage = 0;  // t % kStages

@@ -31,6 +31,7 @@
 #include "../attn_common.cuh"
 #include "../cuda_utils.cuh"
 #include "../tile_families.h"
+#include "../tile_work.cuh"
 #include "hopper.cuh"
 #include "wgmma_ops.cuh"
 
@@ -91,27 +92,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 
   const ReqMeta meta = L.meta[b];
   if (meta.status != kReqValid || meta.q_len == 0) return;  // prepare wrote those rows
-  const int rows_total = meta.q_len * G;
-  const int r0 = rb * BM;
-  if (r0 >= rows_total) return;
-
-  // Rows, positions and this split's keys: as in the sm80 tiles (the merge relies on it).
+  if (rb * BM >= meta.q_len * G) return;
+  // Rows, positions and this split's keys exactly as the sm80 tiles (tile_work.cuh).
+  const TileWork w = tile_work<BM, BN>(p, meta, G, rb, split, S);
+  const int rows_total = w.rows_total, r0 = w.r0;
+  const int kb = w.kb, ke = w.ke, ntiles = w.ntiles;
   const int kv_len = meta.kv_len;
   const int q_len = meta.q_len;
   const int64_t window = p.window_left;
   const bool causal = p.causal;
-  const int r_end = min(r0 + BM, rows_total);
-  const int pos_first = kv_len - q_len + r0 / G;
-  const int pos_last = kv_len - q_len + (r_end - 1) / G;
-  int64_t klo64, khi64;
-  block_key_range(pos_first, pos_last, kv_len, causal, window, &klo64, &khi64);
-  const int klo = int(klo64), khi = int(khi64);
-  const int64_t n_keys = khi - klo;
-  int64_t per = (n_keys + S - 1) / S;
-  per = (per + BN - 1) / BN * BN;
-  const int kb = int(min(int64_t(khi), klo + per * split));
-  const int ke = int(min(int64_t(khi), int64_t(kb) + per));
-  const int ntiles = (ke - kb + BN - 1) / BN;
 
   // ---- K/V tile loader: thread tid copies chunk tid % C of keys tid / C + it * KP ----
   constexpr int KP = NT / C;
@@ -151,34 +140,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     cp_async_commit();
   }
 
-  // ---- stage Q: BM packed rows x D in the compute dtype ----
-  {
-    const int qbytes = dtype_bytes(p.q.dtype);
-    static_assert((BM * C) % NT == 0, "Q staging loop");
-#pragma unroll 2
-    for (int it = 0; it < BM * C / NT; ++it) {
-      const int idx = tid + it * NT;
-      const int r = idx / C, c = idx % C;
-      const int R = r0 + r;
-      uint4 v = make_uint4(0u, 0u, 0u, 0u);
-      if (R < rows_total) {
-        const int64_t tok = meta.row_begin + R / G;
-        const int64_t head = int64_t(kvh) * G + R % G;
-        const int64_t e = tok * p.q.stride_tok + head * p.q.stride_head + c * 8;
-        if (L.q_vec) {
-          v = *reinterpret_cast<const uint4*>(static_cast<const char*>(p.q.ptr) + e * qbytes);
-        } else {
-          uint32_t w[4];
-#pragma unroll
-          for (int k = 0; k < 4; ++k)
-            w[k] = TypeTraits<CT>::pack(load_as_float(p.q.ptr, e + 2 * k, p.q.dtype),
-                                        load_as_float(p.q.ptr, e + 2 * k + 1, p.q.dtype));
-          v = make_uint4(w[0], w[1], w[2], w[3]);
-        }
-      }
-      *reinterpret_cast<uint4*>(q_tile + sw128_offset(BM, r, c)) = v;
-    }
-  }
+  // ---- stage Q: BM packed rows x D in the compute dtype, 128-byte-swizzle atoms ----
+  stage_q<CT, D, BM, NT>(L, meta, kvh, w, tid, q_tile,
+                         [](int r, int c) { return sw128_offset(BM, r, c); });
 
   // ---- per-thread state: warpgroup wg, warp wi of it, lane (g = lane / 4, t = lane % 4).
   // Accumulator value v of an n8 column chunk i sits at row g + 8 * (v / 2), column
