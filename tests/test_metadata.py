@@ -394,3 +394,65 @@ def test_check_metadata_ignores_pages_of_zero_length_prefill_requests():
     with pytest.raises(ValueError, match=r"request 1\b"):
         jpa.check_metadata(bt, sl, num_pages=4, page_size=4,
                            cu_seqlens_q=jnp.asarray([0, 2, 3], jnp.int32))
+
+
+def test_check_metadata_agrees_with_the_oracle_on_fuzzed_metadata():
+    """On the fuzz generator's metadata (valid and broken by every rule), check_metadata given
+    what the op call is given raises exactly when the plain-Python oracle finds a bad
+    request, and names the first one."""
+    import re
+
+    import fuzz
+    checked = raised = 0
+    for config_seed in range(24):
+        for draw in range(8):
+            case = fuzz.draw_case(config_seed, draw)
+            cfg, inp, c = case.config, case.inputs, case.config.case
+            prefill = c.kind == "prefill"
+            bad = cases.invalid_requests(
+                inp.block_tables, inp.seq_lens, num_pages=cfg.num_pages, page_size=c.page_size,
+                num_tokens=cfg.num_tokens, cu_seqlens_q=inp.cu_seqlens_q,
+                q_len_per_req=c.q_len_per_req, max_q_len=cfg.max_q_len if prefill else None,
+                window_left=c.window_left)
+            layer_bad = bool(cfg.num_layers) and not 0 <= case.layer < cfg.num_layers
+            kw = dict(num_pages=cfg.num_pages, page_size=c.page_size,
+                      cu_seqlens_q=inp.cu_seqlens_q, q_len_per_req=c.q_len_per_req,
+                      num_tokens=cfg.num_tokens, max_q_len=cfg.max_q_len if prefill else None,
+                      window_left=c.window_left)
+            if cfg.num_layers:
+                kw.update(layer=case.layer, num_layers=cfg.num_layers)
+            checked += 1
+            try:
+                jpa.check_metadata(inp.block_tables, inp.seq_lens, **kw)
+            except ValueError as e:
+                raised += 1
+                msg = str(e)
+                assert bad or layer_bad, (case.repro(), msg)
+                if layer_bad:
+                    assert "layer" in msg, (case.repro(), msg)
+                else:
+                    assert re.search(rf"request {min(bad)}\b", msg), (case.repro(), bad, msg)
+            else:
+                assert not bad and not layer_bad, (case.repro(), bad)
+    assert raised > 20 and checked - raised > 20, (checked, raised)  # both kinds were seen
+
+
+@pytest.mark.parametrize("rule", ["cu_end", "max_q_len"])
+def test_check_metadata_row_rules_of_prefill(rule):
+    """The two rules only the call's shapes decide: cu_seqlens_q ending past q's rows, and a
+    query length over max_q_len. Checked when given, named, eager and under checkify."""
+    bt = np.arange(8, dtype=np.int32).reshape(2, 4)
+    sl = np.array([10, 12], np.int32)
+    cu = np.array([0, 3, 9], np.int32)                   # request 1: rows 3..8, q_len 6
+    kw = dict(num_pages=8, page_size=4, cu_seqlens_q=cu)
+    extra = dict(num_tokens=8) if rule == "cu_end" else dict(max_q_len=5)
+    jpa.check_metadata(bt, sl, **kw)                     # without them: nothing to report
+    words = "ends at 9, past the 8" if rule == "cu_end" else "query length 6 exceeds max_q_len 5"
+    with pytest.raises(ValueError, match=f"request 1: .*{words}"):
+        jpa.check_metadata(bt, sl, **kw, **extra)
+    assert cases.invalid_requests(bt, sl, num_pages=8, page_size=4, num_tokens=extra.get(
+        "num_tokens", 9), cu_seqlens_q=cu, max_q_len=extra.get("max_q_len")) == {1}
+    f = checkify.checkify(jax.jit(lambda bt, sl, cu: jpa.check_metadata(
+        bt, sl, num_pages=8, page_size=4, cu_seqlens_q=cu, **extra)))
+    err, _ = f(bt, sl, cu)
+    assert err.get() is not None and "request 1" in err.get()
