@@ -404,7 +404,7 @@ def test_check_metadata_agrees_with_the_oracle_on_fuzzed_metadata():
 
     import fuzz
     checked = raised = 0
-    for config_seed in range(24):
+    for config_seed in range(10):
         for draw in range(8):
             case = fuzz.draw_case(config_seed, draw)
             cfg, inp, c = case.config, case.inputs, case.config.case
@@ -434,7 +434,7 @@ def test_check_metadata_agrees_with_the_oracle_on_fuzzed_metadata():
                     assert re.search(rf"request {min(bad)}\b", msg), (case.repro(), bad, msg)
             else:
                 assert not bad and not layer_bad, (case.repro(), bad)
-    assert raised > 20 and checked - raised > 20, (checked, raised)  # both kinds were seen
+    assert raised > 10 and checked - raised > 10, (checked, raised)  # both kinds were seen
 
 
 @pytest.mark.parametrize("rule", ["cu_end", "max_q_len"])
