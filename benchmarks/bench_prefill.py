@@ -9,12 +9,15 @@ Points (Hq=32 Hkv=8 D=128 bf16 page 16 causal unless named): full causal prefill
 kv_len = L) at (B, L) = (4, 2048), (1, 8192), (1, 16384) (--quick: the first two); then at
 1x8192 non-causal, page 1, page 64, D=64, D=256 and fp8 pages; a chunked-prefill step (B=8,
 512 new tokens over 8192 cached) and a ragged batch (B=16, q lens U[1, 2048]). FLOPs = 4 *
-sum over query rows of visible keys * Hq * D. Every peer's output is compared with ours (rel
+sum over query rows of visible keys * Hq * D. The mixed point: 56 decode requests (KV
+U[1k, 8k]) and 8 chunks of 512 over 2k cached, in one call. Every peer's output is compared with ours (rel
 L2); ours with the reference in float32. Writes prefill.json, prefill.md and prefill.png
 under --out.
 
 --impls: "ours-sm90" is ours with the launcher's sm90 family forced (JPA_CUDA_FAMILY=sm90;
-skipped when the build has no sm90 kernels). "cudnn" runs both cuDNN dense
+skipped when the build has no sm90 kernels); "ours-mixed" ours with the mixed-batch split
+launch (JPA_CUDA_MIXED=1); "ours-separate" (mixed point only) the same requests as a decode
+call plus a prefill call. "cudnn" runs both cuDNN dense
 (jax.nn.dot_product_attention, implementation="cudnn", on contiguous copies of the pages, q
 padded to the longest request) and cuDNN paged. fp8 points give the peers bf16 copies of the
 pages. JAX's cuDNN calls align causal masks top-left, so the chunked point runs them
@@ -44,8 +47,12 @@ C.add_tests_to_path()
 import cases  # noqa: E402
 import device_inputs as DI  # noqa: E402
 
-IMPLS = ("ours", "ours-sm90", "cudnn", "cudnn-dense", "cudnn-paged", "pallas", "xla")
-DEFAULT_IMPLS = ("ours", "ours-sm90", "cudnn", "xla")
+IMPLS = ("ours", "ours-sm90", "ours-mixed", "ours-separate", "cudnn", "cudnn-dense",
+         "cudnn-paged", "pallas", "xla")
+DEFAULT_IMPLS = ("ours", "ours-sm90", "ours-mixed", "ours-separate", "cudnn", "xla")
+# Rows run with the launcher's switches set (read when XLA runs the call, so set for the
+# row's whole build / compile / time): the sm90 family; the mixed-batch split launch.
+IMPL_ENV = {"ours-sm90": {"JPA_CUDA_FAMILY": "sm90"}, "ours-mixed": {"JPA_CUDA_MIXED": "1"}}
 REL_TOL = 2e-2
 
 
@@ -64,6 +71,7 @@ class Point:
     kv: str = "bf16"             # page dtype: "bf16" or "fp8" (scales 0.5)
     cached: int = 0
     ragged: bool = False
+    decode: int = 0              # the first `decode` requests are decode tokens (q_len 1)
     label: str = ""
 
     @property
@@ -78,12 +86,17 @@ class Point:
                 + (" ragged q~U[1,%d]" % self.q_len if self.ragged else ""))
 
     def lens(self) -> tuple[np.ndarray, np.ndarray]:
-        """(q_lens, kv_lens) int32 [B]."""
+        """(q_lens, kv_lens) int32 [B]. A mixed batch's decode requests have KV lengths
+        U[1024, 8192] (seeded), its chunks `cached` tokens before them."""
         if self.ragged:
             q = cases.uniform_seq_lens(1234 + self.batch, self.batch, 1, self.q_len)
         else:
             q = np.full(self.batch, self.q_len, np.int32)
-        return q, (q + self.cached).astype(np.int32)
+        kv = (q + self.cached).astype(np.int32)
+        if self.decode:
+            q[:self.decode] = 1
+            kv[:self.decode] = cases.uniform_seq_lens(77, self.decode, 1024, 8192)
+        return q, kv
 
     @property
     def flops(self) -> float:
@@ -115,7 +128,8 @@ def points(quick: bool, smoke: bool) -> list[Point]:
         return [Point(2, 128, **small), Point(1, 256, **small),
                 Point(2, 64, cached=100, label="chunked", **small),
                 Point(3, 90, ragged=True, page=5, label="ragged", **small),
-                Point(1, 128, kv="fp8", label="fp8", **small)]
+                Point(1, 128, kv="fp8", label="fp8", **small),
+                Point(6, 48, cached=40, decode=4, label="mixed", **small)]
     pts = [Point(4, 2048), Point(1, 8192)]
     if quick:
         return pts
@@ -129,6 +143,8 @@ def points(quick: bool, smoke: bool) -> list[Point]:
         Point(1, 8192, kv="fp8", label="fp8 pages"),
         Point(8, 512, cached=8192, label="chunked"),
         Point(16, 2048, ragged=True, label="ragged"),
+        # the issue's mixed batch: 56 decode requests + 8 chunks of 512 over 2k cached
+        Point(64, 512, cached=2048, decode=56, label="mixed"),
     ]
 
 
@@ -199,9 +215,13 @@ def _build_jpa_style(name, prefill_fn, pt, x):
                   lambda o: o)]
 
 
-def build_ours(pt, x):
+def _jpa_prefill():
     import jax_paged_attn as jpa
-    return _build_jpa_style("ours", jpa.paged_prefill, pt, x)
+    return jpa.paged_prefill
+
+
+def build_ours(pt, x):
+    return _build_jpa_style("ours", _jpa_prefill(), pt, x)
 
 
 def build_ours_sm90(pt, x):
@@ -213,6 +233,25 @@ def build_ours_sm90(pt, x):
     if "sm90" not in jpa._registry.cuda_kernel_families():
         raise C.Unsupported("this build has no sm90 kernels (JPA_SM90)")
     return _build_jpa_style("ours-sm90", jpa.paged_prefill, pt, x)
+
+
+def build_ours_separate(pt, x):
+    # A mixed batch as two calls: paged_decode over its decode requests, paged_prefill over
+    # its chunks (the baseline the one mixed call must not lose to).
+    import jax_paged_attn as jpa
+    if not pt.decode:
+        raise C.Unsupported("only for mixed batches")
+    n, c = pt.decode, x.cache
+    max_q = int(x.q_lens[n:].max())
+
+    def fn(q, k, v, bt, sl, cu):
+        dec = jpa.paged_decode(q[:n], k, v, bt[:n], sl[:n], **_scales(pt))
+        pre = jpa.paged_prefill(q[n:], k, v, bt[n:], sl[n:], cu[n:] - n, max_q_len=max_q,
+                                **_scales(pt))
+        return jnp.concatenate([dec, pre])
+
+    return [Built("ours-separate", fn, (x.q, c.k, c.v, c.block_tables, c.seq_lens,
+                                        x.cu_seqlens), lambda o: o)]
 
 
 def build_xla(pt, x):
@@ -298,7 +337,9 @@ def build_pallas(pt, x):
     raise C.Unsupported("Pallas GPU paged_attention is decode-only")
 
 
-BUILDERS = {"ours": build_ours, "ours-sm90": build_ours_sm90, "cudnn-dense": build_cudnn_dense,
+BUILDERS = {"ours": build_ours, "ours-sm90": build_ours_sm90,
+            "ours-mixed": lambda pt, x: _build_jpa_style("ours-mixed", _jpa_prefill(), pt, x),
+            "ours-separate": build_ours_separate, "cudnn-dense": build_cudnn_dense,
             "cudnn-paged": build_cudnn_paged, "pallas": build_pallas, "xla": build_xla}
 
 
@@ -324,19 +365,19 @@ def reference_f32(pt, x):
 def run_impl(name, pt, x, timer):
     row = {"point": pt.name, "config": pt.config, "impl": name, "B": pt.batch,
            "L": pt.q_len}
-    if name == "ours-sm90":
-        # The launcher reads JPA_CUDA_FAMILY when XLA runs the call (a command buffer
-        # captures the choice of its first run), so it is set for the row's whole life.
-        old = os.environ.get("JPA_CUDA_FAMILY")
-        os.environ["JPA_CUDA_FAMILY"] = "sm90"
-        try:
-            return _run_impl(name, row, pt, x, timer)
-        finally:
-            if old is None:
-                os.environ.pop("JPA_CUDA_FAMILY", None)
+    env = IMPL_ENV.get(name, {})
+    # A command buffer captures the launcher's choice at its first run: the switches stay
+    # set for the row's whole life.
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return _run_impl(name, row, pt, x, timer)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
             else:
-                os.environ["JPA_CUDA_FAMILY"] = old
-    return _run_impl(name, row, pt, x, timer)
+                os.environ[k] = v
 
 
 def _run_impl(name, row, pt, x, timer):

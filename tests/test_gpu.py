@@ -615,15 +615,21 @@ def test_stacked_cache_append_in_a_donated_layer_scan():
     (dict(sm_scale=0.1, sliding_window=37, soft_cap=30.0), "f16"),
     (dict(sm_scale=0.09, k_scale=0.5, v_scale=1.5), "bf16"),
 ]), ids=lambda x: "-".join(x) if isinstance(x, dict) else x)
-def test_ragged_interleaved_pages(opts, dtype):
+@pytest.mark.parametrize("switches", [{}, {"JPA_CUDA_MIXED": "1"},
+                                      {"JPA_CUDA_MIXED": "1", "JPA_CUDA_FAMILY": "sm90"}],
+                         ids=["default", "mixed-split", "mixed-split-sm90"])
+def test_ragged_interleaved_pages(opts, dtype, switches, monkeypatch):
     """The interleaved page layout (K head h at combined head 2h, V at 2h+1) on the CUDA
-    kernels, a mixed batch of decode and prefill rows, against the float32 reference."""
+    kernels, a mixed batch of decode and prefill rows, against the float32 reference; also
+    with the launcher's mixed-batch split launch, and that with the sm90 family."""
     from test_ragged import _args, _inputs
+    for k, v in switches.items():
+        monkeypatch.setenv(k, v)
     x = _inputs(zlib.crc32(repr((opts, dtype)).encode()), num_seqs=11, max_seqs=13, hkv=4,
                 group=4, d=128, ps=16, dtype=dtype, max_q=70, max_ctx=300)
     args = [_on_gpu(np.asarray(a)) for a in _args(x)]
     got = np.asarray(jax.jit(functools.partial(jpa.ragged_paged_attention, max_q_len=70,
-                                               **opts))(*args))
+                                               **opts))(*args))  # a fresh executable
     sw = opts.get("sliding_window")
     want = ref.paged_prefill(
         args[0], args[1], None, args[3], jnp.where(jnp.arange(13) < 11, args[2], 0),

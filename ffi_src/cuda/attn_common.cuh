@@ -57,7 +57,20 @@ struct AttnLaunch {
   // Fused-checks decode of a small batch: CTA row y serves the y-th longest request
   // (request_of_length_rank in attn_tile.cuh), so mixed lengths leave a short tail.
   bool longest_first = false;
+  // Mixed batches (prefill calls mixing decode tokens and chunks): the call's tiles run as
+  // two launches, each serving only the requests of its class, so q_len-1 requests do not
+  // pay for a prefill-shaped tile: kRowsSmall launches (the 16-row shape) serve requests of
+  // at most kSmallRows packed rows, kRowsLarge launches the others, kRowsAll every request.
+  int32_t rows_class = 0;
 };
+
+constexpr int32_t kRowsAll = 0, kRowsSmall = 1, kRowsLarge = 2;
+constexpr int32_t kSmallRows = 16;
+
+// Does this launch serve a request of `rows_total` packed rows (AttnLaunch::rows_class)?
+__device__ __forceinline__ bool serves_rows(const AttnLaunch& L, int rows_total) {
+  return L.rows_class == kRowsAll || ((rows_total <= kSmallRows) == (L.rows_class == kRowsSmall));
+}
 
 }  // namespace cuda
 }  // namespace jpa

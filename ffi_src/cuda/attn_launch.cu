@@ -101,6 +101,11 @@ struct AttnPlan {
   dim3 grid;
   bool prepare_only = false;  // no requests: prepare writes the padding rows, nothing else
   cuda::Family family = cuda::Family::kSm80;
+  // Mixed batches (JPA_CUDA_MIXED=1): a second tile launch, the 16-row shape of the sm80
+  // family, for the requests of at most cuda::kSmallRows rows (L then serves the others).
+  bool small_launch = false;
+  AttnLaunch L_small;
+  dim3 grid_small;
 };
 
 cudaError_t PlanAttention(const AttnParams& p, AttnPlan* plan) {
@@ -223,6 +228,26 @@ cudaError_t PlanAttention(const AttnParams& p, AttnPlan* plan) {
   if (splits * Hkv >= (int64_t(1) << 31)) return cudaErrorInvalidValue;  // grid.x, blockIdx.x / S
   plan->shape = shape;
   plan->grid = dim3(unsigned(splits * Hkv), unsigned(B), unsigned(row_blocks));
+
+  // Mixed batches: requests of at most kSmallRows rows (decode tokens, short chunks) get the
+  // 16-row shape in a launch of their own instead of a prefill tile each; both launches use
+  // the same splits (one merge). The launcher cannot see q lengths (device memory), so each
+  // CTA checks its request's class and returns at once when it is the other launch's.
+  // Off unless JPA_CUDA_MIXED=1 until measured on a GPU (issue: mixed batches).
+  const char* mixed = std::getenv("JPA_CUDA_MIXED");
+  if (mixed != nullptr && std::strcmp(mixed, "1") == 0 && !p.is_decode() &&
+      shape != cuda::kShapeDecode && B > 1 && G <= cuda::kSmallRows) {
+    TileInfo small;
+    JPA_CUDA_TRY(cached_tile_info(dev, cuda::Family::kSm80, D, cuda::kShapeDecode, pd, &small));
+    if (small.smem_bytes > di.max_smem_optin || small.ctas_per_sm < 1)
+      return cudaErrorInvalidConfiguration;
+    plan->small_launch = true;
+    plan->L_small = L;
+    plan->L_small.rows_class = cuda::kRowsSmall;
+    plan->L_small.row_blocks = 1;
+    plan->grid_small = dim3(plan->grid.x, plan->grid.y, 1);
+    L.rows_class = cuda::kRowsLarge;
+  }
   return cudaSuccess;
 }
 
@@ -235,6 +260,9 @@ cudaError_t LaunchPlanned(const AttnPlan& plan, cudaStream_t stream) {
   if (!L.fused_checks) JPA_CUDA_TRY(cuda::launch_attn_prepare(L, stream));
   JPA_CUDA_TRY(tiles_for(plan.family, L.p.head_dim, &L, plan.shape, L.p.kv.dtype, nullptr,
                          plan.grid, stream));
+  if (plan.small_launch)
+    JPA_CUDA_TRY(tiles_for(cuda::Family::kSm80, L.p.head_dim, &plan.L_small,
+                           cuda::kShapeDecode, L.p.kv.dtype, nullptr, plan.grid_small, stream));
   if (L.num_splits > 1) JPA_CUDA_TRY(cuda::launch_attn_merge(L, stream));
   return cudaSuccess;
 }

@@ -334,7 +334,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinCtasPerSm) attn_tile_k
     meta = L.meta[b];
     if (meta.status != kReqValid) return;  // the prepare kernel wrote its NaN rows
   }
-  if (meta.q_len == 0 || rb * BM >= meta.q_len * G) return;
+  if (meta.q_len == 0 || rb * BM >= meta.q_len * G || !serves_rows(L, meta.q_len * G)) return;
   // The block's rows, positions and this split's keys (tile_work.cuh, shared with sm90).
   const TileWork w = tile_work<BM, BN>(p, meta, G, rb, split, S);
   const int rows_total = w.rows_total, r0 = w.r0, r_end = w.r_end;

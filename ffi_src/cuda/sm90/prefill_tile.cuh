@@ -92,7 +92,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 
   const ReqMeta meta = L.meta[b];
   if (meta.status != kReqValid || meta.q_len == 0) return;  // prepare wrote those rows
-  if (rb * BM >= meta.q_len * G) return;
+  if (rb * BM >= meta.q_len * G || !serves_rows(L, meta.q_len * G)) return;
   // Rows, positions and this split's keys exactly as the sm80 tiles (tile_work.cuh).
   const TileWork w = tile_work<BM, BN>(p, meta, G, rb, split, S);
   const int rows_total = w.rows_total, r0 = w.r0;
