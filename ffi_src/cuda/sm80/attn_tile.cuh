@@ -31,6 +31,7 @@
 #include "../attn_common.cuh"
 #include "../cuda_utils.cuh"
 #include "../tile_families.h"
+#include "../kernel_runner.cuh"
 #include "../tile_work.cuh"
 
 namespace jpa {
@@ -656,27 +657,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinCtasPerSm) attn_tile_k
   }
 }
 
-// Launch helpers for one configuration. info() is cached per device by the caller.
+// Launch helpers for one configuration (kernel_runner.cuh); info() is cached per device by
+// the caller.
 template <class Cfg>
-struct TileRunner {
-  static cudaError_t info(TileInfo* ti) {
-    auto* fn = attn_tile_kernel<Cfg>;
-    JPA_CUDA_TRY(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      Cfg::kSmemBytes));
-    int occ = 0;
-    JPA_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, fn, Cfg::kThreads,
-                                                               Cfg::kSmemBytes));
-    ti->threads = Cfg::kThreads;
-    ti->smem_bytes = Cfg::kSmemBytes;
-    ti->block_rows = Cfg::BM;
-    ti->ctas_per_sm = occ;
-    return cudaSuccess;
-  }
-  static cudaError_t launch(const AttnLaunch& L, dim3 grid, cudaStream_t stream) {
-    attn_tile_kernel<Cfg><<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(L);
-    return cudaGetLastError();
-  }
-};
+using TileRunner = KernelRunner<Cfg, attn_tile_kernel<Cfg>>;
 
 // K/V pipeline depth of the decode shape: 16-bit pages 3 stages (two tiles in flight while one
 // is used; measured better than 2 stages with more CTAs per SM). fp8 pages 3 as well: their
@@ -697,15 +681,10 @@ struct ShapeCfgs {
 template <class Cfgs>
 cudaError_t run_for_dtype(const AttnLaunch* L, DType page_dtype, TileInfo* info, dim3 grid,
                           cudaStream_t stream) {
-  auto run = [&](auto runner) -> cudaError_t {
-    using R = decltype(runner);
-    if (L == nullptr) return R::info(info);
-    return R::launch(*L, grid, stream);
-  };
   switch (page_dtype) {
-    case DType::kBF16: return run(typename Cfgs::BF16{});
-    case DType::kF16: return run(typename Cfgs::F16{});
-    case DType::kF8E4M3: return run(typename Cfgs::F8{});
+    case DType::kBF16: return info_or_launch<typename Cfgs::BF16>(L, info, grid, stream);
+    case DType::kF16: return info_or_launch<typename Cfgs::F16>(L, info, grid, stream);
+    case DType::kF8E4M3: return info_or_launch<typename Cfgs::F8>(L, info, grid, stream);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -31,6 +31,7 @@
 #include "../attn_common.cuh"
 #include "../cuda_utils.cuh"
 #include "../tile_families.h"
+#include "../kernel_runner.cuh"
 #include "../tile_work.cuh"
 #include "hopper.cuh"
 #include "wgmma_ops.cuh"
@@ -324,38 +325,17 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 }
 
 template <class Cfg>
-struct PrefillRunner {
-  static cudaError_t info(TileInfo* ti) {
-    auto* fn = prefill_wgmma_kernel<Cfg>;
-    JPA_CUDA_TRY(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      Cfg::kSmemBytes));
-    int occ = 0;
-    JPA_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, fn, Cfg::kThreads,
-                                                               Cfg::kSmemBytes));
-    ti->threads = Cfg::kThreads;
-    ti->smem_bytes = Cfg::kSmemBytes;
-    ti->block_rows = Cfg::BM;
-    ti->ctas_per_sm = occ;
-    return cudaSuccess;
-  }
-  static cudaError_t launch(const AttnLaunch& L, dim3 grid, cudaStream_t stream) {
-    prefill_wgmma_kernel<Cfg><<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(L);
-    return cudaGetLastError();
-  }
-};
+using PrefillRunner = KernelRunner<Cfg, prefill_wgmma_kernel<Cfg>>;
 
 // One head_dim's entry: bf16 or f16 pages (compute dtype = page dtype).
 template <int D, int BN, int Stages>
 cudaError_t prefill_dispatch(const AttnLaunch* L, DType page_dtype, TileInfo* info, dim3 grid,
                              cudaStream_t stream) {
-  auto run = [&](auto runner) -> cudaError_t {
-    using R = decltype(runner);
-    if (L == nullptr) return R::info(info);
-    return R::launch(*L, grid, stream);
-  };
+  using BF16 = PrefillRunner<PrefillCfg<D, BN, __nv_bfloat16, Stages>>;
+  using F16 = PrefillRunner<PrefillCfg<D, BN, __half, Stages>>;
   switch (page_dtype) {
-    case DType::kBF16: return run(PrefillRunner<PrefillCfg<D, BN, __nv_bfloat16, Stages>>{});
-    case DType::kF16: return run(PrefillRunner<PrefillCfg<D, BN, __half, Stages>>{});
+    case DType::kBF16: return info_or_launch<BF16>(L, info, grid, stream);
+    case DType::kF16: return info_or_launch<F16>(L, info, grid, stream);
     default: return cudaErrorInvalidValue;
   }
 }
