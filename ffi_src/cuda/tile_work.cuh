@@ -84,5 +84,33 @@ __device__ __forceinline__ void stage_q(const AttnLaunch& L, const ReqMeta& meta
   }
 }
 
+// How one finished row is written, from its running max M and sum lsum (log2 domain): the
+// output is o * scale. Final (one split): lse is the natural-log lse with the head's sink
+// (if any) folded in. Split partial: lse is the log2-domain lse without the sink (the merge
+// adds it). A row that saw no key (lsum 0) gets scale 0 and lse -inf; callers write zeros
+// for it rather than o * 0.
+struct RowScale {
+  float scale;
+  float lse;
+};
+
+__device__ __forceinline__ RowScale final_row(float M, float lsum, const float* sinks,
+                                              int64_t head, float v_scale) {
+  if (!(lsum > 0.0f)) return {0.0f, -INFINITY};
+  float lse2 = M + log2f(lsum);
+  if (sinks != nullptr) {
+    const float sink2 = sinks[head] * kLog2e;
+    const float mm = fmaxf(lse2, sink2);
+    lse2 = mm + log2f(exp2f(lse2 - mm) + exp2f(sink2 - mm));
+  }
+  return {exp2f(M - lse2) * v_scale, lse2 * kLn2};
+}
+
+__device__ __forceinline__ RowScale split_row(float M, float lsum, float v_scale) {
+  if (!(lsum > 0.0f)) return {0.0f, -INFINITY};
+  const float lse2 = M + log2f(lsum);
+  return {exp2f(M - lse2) * v_scale, lse2};
+}
+
 }  // namespace cuda
 }  // namespace jpa

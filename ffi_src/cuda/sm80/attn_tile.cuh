@@ -625,34 +625,19 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinCtasPerSm) attn_tile_k
     const int64_t head = int64_t(kvh) * G + R % G;
     const int64_t row_id = tok * Hq + head;
     if (S == 1) {
-      float lse_nat = -INFINITY;
-      float f = 0.0f;
-      if (lsum > 0.0f) {
-        float lse2 = M + log2f(lsum);
-        if (p.sinks != nullptr) {
-          const float sink2 = p.sinks[head] * kLog2e;
-          const float mm = fmaxf(lse2, sink2);
-          lse2 = mm + log2f(exp2f(lse2 - mm) + exp2f(sink2 - mm));
-        }
-        f = exp2f(M - lse2) * v_scale;
-        lse_nat = lse2 * kLn2;
-      }
+      const RowScale rs = final_row(M, lsum, p.sinks, head, v_scale);
       store4(p.out, row_id * D + c4 * 4, p.out_dtype,
-             make_float4(o.x * f, o.y * f, o.z * f, o.w * f));
-      if (c4 == 0) p.lse[row_id] = lse_nat;
+             make_float4(o.x * rs.scale, o.y * rs.scale, o.z * rs.scale, o.w * rs.scale));
+      if (c4 == 0) p.lse[row_id] = rs.lse;
     } else {
+      // Empty split (lse -inf): weight 0 in the merge, which reads its (zeroed) output
+      // unconditionally.
       const int64_t prow = int64_t(split) * p.num_tokens * Hq + row_id;
-      if (lsum > 0.0f) {
-        const float lse2 = M + log2f(lsum);
-        const float f = exp2f(M - lse2) * v_scale;
-        *reinterpret_cast<float4*>(L.part_out + prow * D + c4 * 4) =
-            make_float4(o.x * f, o.y * f, o.z * f, o.w * f);
-        if (c4 == 0) L.part_lse[prow] = lse2;
-      } else {
-        // Empty split: weight 0 in the merge, which reads its (zeroed) output unconditionally.
-        *reinterpret_cast<float4*>(L.part_out + prow * D + c4 * 4) = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (c4 == 0) L.part_lse[prow] = -INFINITY;
-      }
+      const RowScale rs = split_row(M, lsum, v_scale);
+      *reinterpret_cast<float4*>(L.part_out + prow * D + c4 * 4) =
+          lsum > 0.0f ? make_float4(o.x * rs.scale, o.y * rs.scale, o.z * rs.scale, o.w * rs.scale)
+                      : make_float4(0.f, 0.f, 0.f, 0.f);
+      if (c4 == 0) L.part_lse[prow] = rs.lse;
     }
   }
 }

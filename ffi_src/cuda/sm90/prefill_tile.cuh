@@ -285,41 +285,25 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     const int64_t head = int64_t(kvh) * G + R % G;
     const int64_t row_id = tok * Hq + head;
     const float M = m_run[h], lsum = l_run[h];
+    // No visible key: zeros (written as such, never 0 * whatever V held), lse -inf.
+    const bool any = lsum > 0.0f;
     if (S == 1) {
-      // No visible key: zeros (written as such, never 0 * whatever V held), lse -inf.
-      float lse_nat = -INFINITY;
-      float f = 0.0f;
-      if (lsum > 0.0f) {
-        float lse2 = M + log2f(lsum);
-        if (p.sinks != nullptr) {
-          const float sink2 = p.sinks[head] * kLog2e;
-          const float mm = fmaxf(lse2, sink2);
-          lse2 = mm + log2f(exp2f(lse2 - mm) + exp2f(sink2 - mm));
-        }
-        f = exp2f(M - lse2) * v_scale;
-        lse_nat = lse2 * kLn2;
-      }
-      const bool any = lsum > 0.0f;
+      const RowScale rs = final_row(M, lsum, p.sinks, head, v_scale);
 #pragma unroll
       for (int i = 0; i < D / 8; ++i)
         store2(p.out, row_id * D + 8 * i + 2 * t, p.out_dtype,
-               any ? o_acc[4 * i + 2 * h] * f : 0.0f, any ? o_acc[4 * i + 2 * h + 1] * f : 0.0f);
-      if (t == 0) p.lse[row_id] = lse_nat;
-    } else {
-      // Split partial, normalized; an empty split gets weight 0 (lse -inf) and zeros.
+               any ? o_acc[4 * i + 2 * h] * rs.scale : 0.0f,
+               any ? o_acc[4 * i + 2 * h + 1] * rs.scale : 0.0f);
+      if (t == 0) p.lse[row_id] = rs.lse;
+    } else {  // a split partial; an empty split gets weight 0 (lse -inf) and zeros
       const int64_t prow = int64_t(split) * p.num_tokens * Hq + row_id;
-      float f = 0.0f, lse2 = -INFINITY;
-      if (lsum > 0.0f) {
-        lse2 = M + log2f(lsum);
-        f = exp2f(M - lse2) * v_scale;
-      }
-      const bool any = lsum > 0.0f;
+      const RowScale rs = split_row(M, lsum, v_scale);
 #pragma unroll
       for (int i = 0; i < D / 8; ++i)
         *reinterpret_cast<float2*>(L.part_out + prow * D + 8 * i + 2 * t) =
-            any ? make_float2(o_acc[4 * i + 2 * h] * f, o_acc[4 * i + 2 * h + 1] * f)
+            any ? make_float2(o_acc[4 * i + 2 * h] * rs.scale, o_acc[4 * i + 2 * h + 1] * rs.scale)
                 : make_float2(0.0f, 0.0f);
-      if (t == 0) L.part_lse[prow] = lse2;
+      if (t == 0) L.part_lse[prow] = rs.lse;
     }
   }
 }
