@@ -58,18 +58,6 @@ struct PrefillCfg {
   static constexpr int kSmemBytes = 1024 + kQBytes + kStages * kStageBytes;
 };
 
-// Two consecutive outputs (element index i even) as `dt`.
-__device__ __forceinline__ void store2(void* base, int64_t i, DType dt, float x, float y) {
-  if (dt == DType::kF32) {
-    *reinterpret_cast<float2*>(static_cast<float*>(base) + i) = make_float2(x, y);
-  } else if (dt == DType::kBF16) {
-    *reinterpret_cast<uint32_t*>(static_cast<uint16_t*>(base) + i) =
-        TypeTraits<__nv_bfloat16>::pack(x, y);
-  } else {
-    *reinterpret_cast<uint32_t*>(static_cast<uint16_t*>(base) + i) = TypeTraits<__half>::pack(x, y);
-  }
-}
-
 template <class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
     prefill_wgmma_kernel(const __grid_constant__ AttnLaunch L) {
