@@ -91,35 +91,43 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const int64_t window = p.window_left;
   const bool causal = p.causal;
 
-  // ---- K/V tile loader: thread tid copies chunk tid % C of keys tid / C + it * KP ----
-  constexpr int KP = NT / C;
-  constexpr int IT = BN / KP;
-  static_assert(NT % C == 0 && BN % KP == 0, "loader shape");
+  // ---- K/V tile loader. Warp wp gathers keys [wp * KW, wp * KW + KW) of a tile: lane l < KW
+  // looks up key l's row once (key_row_elem: the block table, page bounds, 64-bit address
+  // math), then the warp copies KPP keys per pass, C lanes (16-byte chunks) per key, each
+  // lane taking its key's row offset from the looking-up lane by a shuffle. (A lookup per
+  // copying lane would repeat it C times: it was most of the kernel's instructions.)
+  constexpr int NW = NT / 32;
+  constexpr int KW = BN / NW;
+  constexpr int KPP = C >= 32 ? 1 : 32 / C;   // keys per pass
+  constexpr int LPK = C >= 32 ? 32 : C;       // lanes per key in a pass
+  constexpr int CPL = C / LPK;                // chunks per lane and key
+  static_assert(KW <= 32 && KW % KPP == 0 && C % LPK == 0, "loader shape");
   const int32_t* bt_row = p.block_tables + int64_t(b) * p.max_pages_per_req;
   const char* k_src = static_cast<const char*>(p.kv.k);
   const char* v_src = static_cast<const char*>(p.kv.v);
-  const int ch = tid % C;
+  const int ld_lane = tid % 32, ld_key0 = (tid / 32) * KW;
   auto issue_tile = [&](int stage, int j0) {
     const uint32_t k_dst = stage_base + stage * Cfg::kStageBytes;
+    // Keys past ke (the tile's tail) are zero-filled: their P is 0 and 0 * 0 stays 0. The
+    // prepare kernel checked every page of [kb, ke); an index out of range would be
+    // zero-filled too, never dereferenced.
+    const int jl = j0 + ld_key0 + ld_lane;
+    const int64_t e_mine =
+        ld_lane < KW && jl < ke ? key_row_elem(p.kv, bt_row, jl, L.page_shift, kvh) : -1;
 #pragma unroll
-    for (int it = 0; it < IT; ++it) {
-      const int key = tid / C + it * KP;
-      const int j = j0 + key;
-      // Keys past ke (the tile's tail) are zero-filled: their P is 0 and 0 * 0 stays 0.
-      // The prepare kernel checked every page of [kb, ke); an index out of range would be
-      // zero-filled too, never dereferenced.
-      const int64_t e = j < ke ? key_row_elem(p.kv, bt_row, j, L.page_shift, kvh) : -1;
-      const char* ks = k_src;
-      const char* vs = v_src;
-      int bytes = 0;
-      if (e >= 0) {
-        ks += e * 2 + ch * 16;
-        vs += e * 2 + ch * 16;
-        bytes = 16;
+    for (int pass = 0; pass < KW / KPP; ++pass) {
+      const int kl = pass * KPP + ld_lane / LPK;  // key of this warp's share
+      const int64_t e = __shfl_sync(0xffffffffu, e_mine, kl);
+      const int key = ld_key0 + kl;
+#pragma unroll
+      for (int cc = 0; cc < CPL; ++cc) {
+        const int ch = ld_lane % LPK + cc * LPK;
+        const int bytes = e >= 0 ? 16 : 0;
+        const int64_t byte_off = e >= 0 ? e * 2 + ch * 16 : 0;
+        const uint32_t off = sw128_offset(BN, key, ch);
+        cp_async_16(k_dst + off, k_src + byte_off, bytes);
+        cp_async_16(k_dst + Cfg::kTileBytes + off, v_src + byte_off, bytes);
       }
-      const uint32_t off = sw128_offset(BN, key, ch);
-      cp_async_16(k_dst + off, ks, bytes);
-      cp_async_16(k_dst + Cfg::kTileBytes + off, vs, bytes);
     }
   };
 
@@ -144,6 +152,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   for (int h = 0; h < 2; ++h) {
     const int R = min(r0 + wrow0 + g + 8 * h, rows_total - 1);
     pos_r[h] = kv_len - q_len + R / G;
+  }
+  // Each row's visible keys [vis_lo, vis_hi) (the mask policy's range, cut at this split's
+  // end): a logit outside is masked, two compares per element.
+  int vis_lo[2], vis_hi[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    int64_t lo, hi;
+    visible_range(pos_r[h], kv_len, p.causal, p.window_left, &lo, &hi);
+    vis_lo[h] = int(lo);
+    vis_hi[h] = int(min(hi, int64_t(ke)));
   }
   // Positions of this warpgroup's rows, for the full-tile test.
   const int wg_first = kv_len - q_len + min(r0 + 64 * wg, rows_total - 1) / G;
@@ -193,23 +211,26 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     wgmma_wait<0>();
     fence_registers(s_acc);
 
-    // ---- logits (log2 domain), mask, online softmax ----
-    const bool full = tile_all_visible(j0, j0 + BN, ke, wg_first, wg_last, causal, window);
-    float mx[2] = {-INFINITY, -INFINITY};
+    // ---- logits (log2 domain), mask, online softmax. Each step is one branch-free pass over
+    // the tile's logits (a branch per element would cost more than the MMAs).
+    if (use_cap) {
 #pragma unroll
-    for (int i = 0; i < BN / 8; ++i) {
+      for (int i = 0; i < BN / 2; ++i) s_acc[i] = cap_out * tanhf(s_acc[i] * cap_in);
+    } else {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = s_acc[4 * i + e];
-        x = use_cap ? cap_out * tanhf(x * cap_in) : x * scale_log2;
-        if (!full) {
-          const int j = j0 + 8 * i + 2 * t + (e & 1);
-          if (!(j < ke && key_visible(pos_r[e >> 1], j, causal, window))) x = -INFINITY;
-        }
-        s_acc[4 * i + e] = x;
-        mx[e >> 1] = fmaxf(mx[e >> 1], x);
+      for (int i = 0; i < BN / 2; ++i) s_acc[i] *= scale_log2;
+    }
+    if (!tile_all_visible(j0, j0 + BN, ke, wg_first, wg_last, causal, window)) {
+#pragma unroll
+      for (int i = 0; i < BN / 2; ++i) {
+        const int h = (i >> 1) & 1;
+        const int j = j0 + 8 * (i >> 2) + 2 * t + (i & 1);  // n8 chunk i / 4, value i % 4
+        if (j < vis_lo[h] || j >= vis_hi[h]) s_acc[i] = -INFINITY;
       }
     }
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], s_acc[i]);
     float m_use[2], alpha[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
