@@ -1,6 +1,7 @@
 // Hopper-only PTX (sm_90a) the sm90 family uses beside the generated MMA wrappers
-// (wgmma_ops.cuh): shared-memory matrix descriptors, the warpgroup MMA fences, and the proxy
-// fence between threads' shared-memory writes and the MMA unit's reads.
+// (wgmma_ops.cuh): shared-memory matrix descriptors, the warpgroup MMA fences, the proxy
+// fence between threads' shared-memory writes and the MMA unit's reads, mbarriers, named
+// barriers and the warpgroup register hand-over.
 #pragma once
 
 #include <cstdint>
@@ -68,6 +69,53 @@ __device__ __forceinline__ void fence_registers(uint32_t (&r)[N][K]) {
 // reads (the async proxy) only after this fence, then a barrier.
 __device__ __forceinline__ void fence_proxy_async_shared() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// ---- mbarriers (shared-memory arrive/wait barriers) and named barriers -----------------------
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+
+// Arrive (release at CTA scope): this thread's earlier memory accesses happen before the
+// phase completes for the waiters.
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+
+// Waits (acquire) until the barrier's phase of parity `parity` has completed.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        " selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
+// Named barriers 1..15 over `count` threads (a multiple of 32; barrier 0 is __syncthreads).
+// bar_sync waits for `count` arrivals including its own; bar_arrive only counts itself.
+__device__ __forceinline__ void bar_sync(int id, int count) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void bar_arrive(int id, int count) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+
+// Moves registers between the warpgroups of a warp-specialized CTA: a warpgroup that only
+// copies gives registers back, the MMA warpgroups take them (all 128 threads execute it).
+template <int N>
+__device__ __forceinline__ void regs_dealloc() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+
+template <int N>
+__device__ __forceinline__ void regs_alloc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
 }
 
 }  // namespace sm90

@@ -1,26 +1,35 @@
 // The sm90 family's prefill kernel: warpgroup MMAs (wgmma, sm_90a) for S = Q K^T and
-// O += P V, fp32 accumulators in registers.
+// O += P V, fp32 accumulators in registers, in a warp-specialized CTA.
 //
 // One CTA = (KV split, KV head, request, block of 128 packed query rows), the same work
 // split, row packing (r = token * G + group head, so each K/V tile serves the whole GQA
 // group), key range and split policy as the sm80 tiles, so the launcher, the prepare kernel
-// and the split merge are shared. Two warpgroups of 128 threads; warpgroup w owns block rows
-// [64 w, 64 w + 64) and every key of each tile.
+// and the split merge are shared.
 //
-// Per key tile (BN keys): all 256 threads gather the keys' K and V rows from their pages with
-// 16-byte cp.async (any page size: keys are looked up one by one through key_row_elem) into a
-// kStages-deep ring; Q, K and V tiles are stored in 128-byte-swizzle atoms (hopper.cuh), the
-// layout the MMA reads through descriptors. Each warpgroup then issues D / 16 MMAs
-// m64 n{BN} k16 for S (A = Q, B = K, both K-major from shared memory), masks (mask.h), runs
-// the online softmax in fp32 registers (log2 domain), rounds P to the compute dtype in
-// registers and issues BN / 16 MMAs m64 n{D} k16 for O (A = P from registers, B = V read
-// MN-major: rows are keys, head_dim contiguous, as stored).
+// Three warpgroups of 128 threads:
+//   * warpgroups 0 and 1 compute: warpgroup w owns block rows [64 w, 64 w + 64) and every
+//     key of each tile. Per key tile of BN keys it issues D / 16 MMAs m64 n{BN} k16 for S
+//     (A = Q, B = K, both K-major from shared memory), masks (mask.h), runs the online
+//     softmax in fp32 registers (log2 domain), rounds P to the compute dtype in registers
+//     and issues BN / 16 MMAs m64 n{D} k16 for O (A = P from registers, B = V read
+//     MN-major: rows are keys, head_dim contiguous, as stored).
+//   * warpgroup 2 loads: it gathers each tile's K and V rows from their pages with 16-byte
+//     cp.async (any page size: keys are looked up one by one through key_row_elem) into a
+//     kStages-deep ring, gives most of its registers to the MMA warpgroups, and never joins
+//     their math.
+// The ring runs on mbarriers: full[s] completes when the loads of stage s have landed (and
+// are fenced for the MMA unit), empty[s] when both MMA warpgroups are done reading it. The
+// two MMA warpgroups take turns issuing their S MMAs (named barriers), so one's softmax
+// runs while the other's MMAs keep the tensor cores busy.
 //
-// Scope of this first version: prefill (the launcher keeps decode on sm80), 16-bit pages
-// (bf16 / f16; fp8 pages stay on sm80), head_dim 64 / 128 / 256. The prepare kernel has
-// checked every request and its pages (rule 1-3 of docs/semantics.md) and written the NaN
-// rows of invalid ones and the padding rows. Not yet here: TMA loads, producer / consumer
-// warp specialization and overlapping the softmax with the next tile's MMAs.
+// Q, K and V tiles are stored in 128-byte-swizzle atoms (hopper.cuh), the layout the MMA
+// reads through descriptors.
+//
+// Scope: prefill (the launcher keeps decode on sm80), 16-bit pages (bf16 / f16; fp8 pages
+// stay on sm80), head_dim 64 / 128 / 256. The prepare kernel has checked every request and
+// its pages (rule 1-3 of docs/semantics.md) and written the NaN rows of invalid ones and the
+// padding rows. Not yet here: TMA loads and overlapping a warpgroup's own softmax with its
+// next tile's S MMAs.
 #pragma once
 
 #include <cmath>
@@ -46,29 +55,100 @@ struct PrefillCfg {
   static constexpr int BN = BN_;
   using CT = CT_;
   static constexpr int kStages = Stages_;
-  static constexpr int kWarpgroups = 2;
-  static constexpr int kThreads = 128 * kWarpgroups;
-  static constexpr int BM = 64 * kWarpgroups;
+  static constexpr int kMmaWarpgroups = 2;
+  static constexpr int kMmaThreads = 128 * kMmaWarpgroups;
+  static constexpr int kThreads = kMmaThreads + 128;  // + the load warpgroup
+  static constexpr int BM = 64 * kMmaWarpgroups;
+  // Registers per thread after the hand-over (setmaxnreg; multiples of 8, and
+  // 128 * (kLoadRegs + 2 * kMmaRegs) <= 64K).
+  static constexpr int kLoadRegs = 40;
+  static constexpr int kMmaRegs = 232;
   static_assert(D % 64 == 0 && BN % 64 == 0, "whole 128-byte swizzle column blocks / atoms");
   static constexpr int kChunks = D / 8;            // 16-byte chunks of one row
   static constexpr int kQBytes = BM * D * 2;
   static constexpr int kTileBytes = BN * D * 2;    // K (or V) of one stage
   static constexpr int kStageBytes = 2 * kTileBytes;
+  static constexpr int kBarBytes = 2 * 8 * kStages;  // full[], empty[]
   // + 1024: the dynamic shared memory base is rounded up to a 1024-byte boundary.
-  static constexpr int kSmemBytes = 1024 + kQBytes + kStages * kStageBytes;
+  static constexpr int kSmemBytes = 1024 + kQBytes + kStages * kStageBytes + kBarBytes;
 };
+
+// Named barriers (0 is __syncthreads): Q staged (the MMA warpgroups), and each MMA
+// warpgroup's turn to issue its S MMAs.
+constexpr int kBarQReady = 1;
+constexpr int kBarTurn0 = 2;
+
+// The load warpgroup: tiles [0, ntiles) of [kb, ke) into the ring. Warp wp gathers keys
+// [wp * KW, wp * KW + KW) of a tile: lane l < KW looks up key l's row once (key_row_elem:
+// the block table, page bounds, 64-bit address math), then the warp copies KPP keys per pass,
+// LPK lanes per key, each lane taking its key's row offset from the looking-up lane by a
+// shuffle (a lookup per copying lane would repeat it D / 8 times). A stage is announced one
+// tile late: after the next tile's copies are issued, this thread waits for its copies of
+// the stage, fences them for the MMA unit (async proxy) and arrives on full[stage].
+template <class Cfg>
+__device__ __forceinline__ void load_kv_tiles(const AttnLaunch& L, int b, int kvh,
+                                              const TileWork& w, int ltid, uint32_t stage_base,
+                                              uint32_t full_bar, uint32_t empty_bar) {
+  constexpr int BN = Cfg::BN, C = Cfg::kChunks;
+  constexpr int KW = BN / 4;                  // keys per warp and tile
+  constexpr int KPP = C >= 32 ? 1 : 32 / C;   // keys per pass
+  constexpr int LPK = C >= 32 ? 32 : C;       // lanes per key in a pass
+  constexpr int CPL = C / LPK;                // chunks per lane and key
+  static_assert(KW <= 32 && KW % KPP == 0 && C % LPK == 0, "loader shape");
+  const AttnParams& p = L.p;
+  const int32_t* bt_row = p.block_tables + int64_t(b) * p.max_pages_per_req;
+  const char* k_src = static_cast<const char*>(p.kv.k);
+  const char* v_src = static_cast<const char*>(p.kv.v);
+  const int lane = ltid % 32, key0 = (ltid / 32) * KW;
+  for (int tile = 0; tile < w.ntiles; ++tile) {
+    const int stage = tile % Cfg::kStages;
+    if (tile >= Cfg::kStages) mbar_wait(empty_bar + 8 * stage, ((tile / Cfg::kStages) & 1) ^ 1);
+    const uint32_t k_dst = stage_base + stage * Cfg::kStageBytes;
+    // Keys past ke (the last tile's tail) are zero-filled: their P is 0 and 0 * 0 stays 0.
+    // The prepare kernel checked every page of [kb, ke); an index out of range would be
+    // zero-filled too, never dereferenced.
+    const int jl = w.kb + tile * BN + key0 + lane;
+    const int64_t e_mine =
+        lane < KW && jl < w.ke ? key_row_elem(p.kv, bt_row, jl, L.page_shift, kvh) : -1;
+#pragma unroll
+    for (int pass = 0; pass < KW / KPP; ++pass) {
+      const int kl = pass * KPP + lane / LPK;  // key of this warp's share
+      const int64_t e = __shfl_sync(0xffffffffu, e_mine, kl);
+#pragma unroll
+      for (int cc = 0; cc < CPL; ++cc) {
+        const int ch = lane % LPK + cc * LPK;
+        const int64_t byte_off = e >= 0 ? e * 2 + ch * 16 : 0;
+        const uint32_t off = sw128_offset(BN, key0 + kl, ch);
+        cp_async_16(k_dst + off, k_src + byte_off, e >= 0 ? 16 : 0);
+        cp_async_16(k_dst + Cfg::kTileBytes + off, v_src + byte_off, e >= 0 ? 16 : 0);
+      }
+    }
+    cp_async_commit();
+    if (tile > 0) {
+      cp_async_wait<1>();
+      fence_proxy_async_shared();
+      mbar_arrive(full_bar + 8 * ((tile - 1) % Cfg::kStages));
+    }
+  }
+  if (w.ntiles > 0) {
+    cp_async_wait<0>();
+    fence_proxy_async_shared();
+    mbar_arrive(full_bar + 8 * ((w.ntiles - 1) % Cfg::kStages));
+  }
+}
 
 template <class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
     prefill_wgmma_kernel(const __grid_constant__ AttnLaunch L) {
   using CT = typename Cfg::CT;
-  constexpr int D = Cfg::D, BN = Cfg::BN, BM = Cfg::BM, NT = Cfg::kThreads;
-  constexpr int C = Cfg::kChunks;
+  constexpr int D = Cfg::D, BN = Cfg::BN, BM = Cfg::BM, NT = Cfg::kMmaThreads;
   extern __shared__ unsigned char smem_raw[];
   const uint32_t raw_addr = smem_addr(smem_raw);
   const uint32_t q_base = (raw_addr + 1023u) & ~1023u;
   unsigned char* q_tile = smem_raw + (q_base - raw_addr);
   const uint32_t stage_base = q_base + Cfg::kQBytes;
+  const uint32_t full_bar = stage_base + Cfg::kStages * Cfg::kStageBytes;
+  const uint32_t empty_bar = full_bar + 8 * Cfg::kStages;
 
   const AttnParams& p = L.p;
   const int S = L.num_splits;
@@ -79,11 +159,28 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const int G = L.group;
   const int tid = threadIdx.x;
 
+  // Exits before any barrier: the conditions are the same for every thread of the CTA.
   const ReqMeta meta = L.meta[b];
   if (meta.status != kReqValid || meta.q_len == 0) return;  // prepare wrote those rows
   if (rb * BM >= meta.q_len * G || !serves_rows(L, meta.q_len * G)) return;
   // Rows, positions and this split's keys exactly as the sm80 tiles (tile_work.cuh).
   const TileWork w = tile_work<BM, BN>(p, meta, G, rb, split, S);
+
+  if (tid == 0) {
+    for (int s = 0; s < Cfg::kStages; ++s) {
+      mbar_init(full_bar + 8 * s, 128);    // every load thread arrives
+      mbar_init(empty_bar + 8 * s, NT);    // every MMA thread arrives
+    }
+  }
+  __syncthreads();  // the barriers are initialized; the last CTA-wide barrier
+
+  if (tid >= NT) {  // ---- the load warpgroup ----
+    regs_dealloc<Cfg::kLoadRegs>();
+    load_kv_tiles<Cfg>(L, b, kvh, w, tid - NT, stage_base, full_bar, empty_bar);
+    return;
+  }
+  regs_alloc<Cfg::kMmaRegs>();
+
   const int rows_total = w.rows_total, r0 = w.r0;
   const int kb = w.kb, ke = w.ke, ntiles = w.ntiles;
   const int kv_len = meta.kv_len;
@@ -91,55 +188,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const int64_t window = p.window_left;
   const bool causal = p.causal;
 
-  // ---- K/V tile loader. Warp wp gathers keys [wp * KW, wp * KW + KW) of a tile: lane l < KW
-  // looks up key l's row once (key_row_elem: the block table, page bounds, 64-bit address
-  // math), then the warp copies KPP keys per pass, C lanes (16-byte chunks) per key, each
-  // lane taking its key's row offset from the looking-up lane by a shuffle. (A lookup per
-  // copying lane would repeat it C times: it was most of the kernel's instructions.)
-  constexpr int NW = NT / 32;
-  constexpr int KW = BN / NW;
-  constexpr int KPP = C >= 32 ? 1 : 32 / C;   // keys per pass
-  constexpr int LPK = C >= 32 ? 32 : C;       // lanes per key in a pass
-  constexpr int CPL = C / LPK;                // chunks per lane and key
-  static_assert(KW <= 32 && KW % KPP == 0 && C % LPK == 0, "loader shape");
-  const int32_t* bt_row = p.block_tables + int64_t(b) * p.max_pages_per_req;
-  const char* k_src = static_cast<const char*>(p.kv.k);
-  const char* v_src = static_cast<const char*>(p.kv.v);
-  const int ld_lane = tid % 32, ld_key0 = (tid / 32) * KW;
-  auto issue_tile = [&](int stage, int j0) {
-    const uint32_t k_dst = stage_base + stage * Cfg::kStageBytes;
-    // Keys past ke (the tile's tail) are zero-filled: their P is 0 and 0 * 0 stays 0. The
-    // prepare kernel checked every page of [kb, ke); an index out of range would be
-    // zero-filled too, never dereferenced.
-    const int jl = j0 + ld_key0 + ld_lane;
-    const int64_t e_mine =
-        ld_lane < KW && jl < ke ? key_row_elem(p.kv, bt_row, jl, L.page_shift, kvh) : -1;
-#pragma unroll
-    for (int pass = 0; pass < KW / KPP; ++pass) {
-      const int kl = pass * KPP + ld_lane / LPK;  // key of this warp's share
-      const int64_t e = __shfl_sync(0xffffffffu, e_mine, kl);
-      const int key = ld_key0 + kl;
-#pragma unroll
-      for (int cc = 0; cc < CPL; ++cc) {
-        const int ch = ld_lane % LPK + cc * LPK;
-        const int bytes = e >= 0 ? 16 : 0;
-        const int64_t byte_off = e >= 0 ? e * 2 + ch * 16 : 0;
-        const uint32_t off = sw128_offset(BN, key, ch);
-        cp_async_16(k_dst + off, k_src + byte_off, bytes);
-        cp_async_16(k_dst + Cfg::kTileBytes + off, v_src + byte_off, bytes);
-      }
-    }
-  };
-
-#pragma unroll
-  for (int s = 0; s < Cfg::kStages - 1; ++s) {
-    if (s < ntiles) issue_tile(s, kb + s * BN);
-    cp_async_commit();
-  }
-
   // ---- stage Q: BM packed rows x D in the compute dtype, 128-byte-swizzle atoms ----
   stage_q<CT, D, BM, NT>(L, meta, kvh, w, tid, q_tile,
                          [](int r, int c) { return sw128_offset(BM, r, c); });
+  fence_proxy_async_shared();  // this thread's Q stores -> visible to the MMA unit
+  bar_sync(kBarQReady, NT);
 
   // ---- per-thread state: warpgroup wg, warp wi of it, lane (g = lane / 4, t = lane % 4).
   // Accumulator value v of an n8 column chunk i sits at row g + 8 * (v / 2), column
@@ -159,7 +212,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     int64_t lo, hi;
-    visible_range(pos_r[h], kv_len, p.causal, p.window_left, &lo, &hi);
+    visible_range(pos_r[h], kv_len, causal, window, &lo, &hi);
     vis_lo[h] = int(lo);
     vis_hi[h] = int(min(hi, int64_t(ke)));
   }
@@ -179,16 +232,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};
 
   const uint32_t q_wg = q_base + 64 * wg * 128;  // this warpgroup's 64 rows of each block
-  int stage = 0;
+  // Turns: warpgroup w issues its S MMAs after bar_sync(kBarTurn0 + w) and then hands the
+  // turn to the other one. Warpgroup 0 starts; its extra wait after the loop takes the
+  // other's last hand-over, so every arrival is matched.
+  if (wg == 1) bar_arrive(kBarTurn0, NT);
   for (int tile = 0; tile < ntiles; ++tile) {
     const int j0 = kb + tile * BN;
-    constexpr int kAhead = Cfg::kStages - 1;
-    if (tile + kAhead < ntiles) issue_tile(stage == 0 ? kAhead : stage - 1, j0 + kAhead * BN);
-    cp_async_commit();
-    cp_async_wait<Cfg::kStages - 1>();
-    fence_proxy_async_shared();  // this thread's copies (and Q) -> visible to the MMA unit
-    __syncthreads();
-
+    const int stage = tile % Cfg::kStages;
+    mbar_wait(full_bar + 8 * stage, (tile / Cfg::kStages) & 1);
     const uint32_t k_base = stage_base + stage * Cfg::kStageBytes;
     const uint32_t v_base = k_base + Cfg::kTileBytes;
 
@@ -199,6 +250,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     // Register fences before the MMA fence: no write of these registers may move past it.
     fence_registers(s_acc);
     fence_registers(o_acc);
+    bar_sync(kBarTurn0 + wg, NT);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
@@ -208,6 +260,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       Wgmma<BN, CT>::ss(s_acc, da, db, kk > 0 ? 1 : 0);
     }
     wgmma_commit();
+    bar_arrive(kBarTurn0 + (wg ^ 1), NT);
     wgmma_wait<0>();
     fence_registers(s_acc);
 
@@ -277,10 +330,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     wgmma_commit();
     wgmma_wait<0>();
     fence_registers(o_acc);
-    __syncthreads();  // this stage may be overwritten next
-    stage = stage + 1 == Cfg::kStages ? 0 : stage + 1;
+    mbar_arrive(empty_bar + 8 * stage);  // this thread's MMAs no longer read the stage
   }
-  cp_async_wait<0>();
+  if (wg == 0) bar_sync(kBarTurn0, NT);
 
   // ---- epilogue: each thread's two rows, all keys of this split ----
   const int64_t Hq = p.num_q_heads;
