@@ -2,7 +2,7 @@
 attention and the XLA reference, in one run, with a bf16 matmul ceiling measured in the
 same run.
 
-    python benchmarks/bench_prefill.py [--quick] [--impls ours,ours-sm90,cudnn,xla] [--out DIR]
+    python benchmarks/bench_prefill.py [--quick] [--impls ours,ours-sm80,cudnn,xla] [--out DIR]
                                        [--cpu-smoke]
 
 Points (Hq=32 Hkv=8 D=128 bf16 page 16 causal unless named): full causal prefills (q_len =
@@ -14,8 +14,9 @@ U[1k, 8k]) and 8 chunks of 512 over 2k cached, in one call. Every peer's output 
 L2); ours with the reference in float32. Writes prefill.json, prefill.md and prefill.png
 under --out.
 
---impls: "ours-sm90" is ours with the launcher's sm90 family forced (JPA_CUDA_FAMILY=sm90;
-skipped when the build has no sm90 kernels); "ours-mixed" ours with the mixed-batch split
+--impls: "ours" is the default launch (the sm90 wgmma family for 16-bit-page prefill on a
+Hopper card, when the build has it); "ours-sm80" is ours with the portable sm80 family forced
+(JPA_CUDA_FAMILY=sm80); "ours-mixed" ours with the mixed-batch split
 launch (JPA_CUDA_MIXED=1); "ours-separate" (mixed point only) the same requests as a decode
 call plus a prefill call. "cudnn" runs both cuDNN dense
 (jax.nn.dot_product_attention, implementation="cudnn", on contiguous copies of the pages, q
@@ -47,12 +48,12 @@ C.add_tests_to_path()
 import cases  # noqa: E402
 import device_inputs as DI  # noqa: E402
 
-IMPLS = ("ours", "ours-sm90", "ours-mixed", "ours-separate", "cudnn", "cudnn-dense",
+IMPLS = ("ours", "ours-sm80", "ours-mixed", "ours-separate", "cudnn", "cudnn-dense",
          "cudnn-paged", "pallas", "xla")
-DEFAULT_IMPLS = ("ours", "ours-sm90", "ours-mixed", "ours-separate", "cudnn", "xla")
+DEFAULT_IMPLS = ("ours", "ours-sm80", "ours-mixed", "ours-separate", "cudnn", "xla")
 # Rows run with the launcher's switches set (read when XLA runs the call, so set for the
-# row's whole build / compile / time): the sm90 family; the mixed-batch split launch.
-IMPL_ENV = {"ours-sm90": {"JPA_CUDA_FAMILY": "sm90"}, "ours-mixed": {"JPA_CUDA_MIXED": "1"}}
+# row's whole build / compile / time): the sm80 family forced; the mixed-batch split launch.
+IMPL_ENV = {"ours-sm80": {"JPA_CUDA_FAMILY": "sm80"}, "ours-mixed": {"JPA_CUDA_MIXED": "1"}}
 REL_TOL = 2e-2
 
 
@@ -224,15 +225,13 @@ def build_ours(pt, x):
     return _build_jpa_style("ours", _jpa_prefill(), pt, x)
 
 
-def build_ours_sm90(pt, x):
-    # Ours with the launcher's sm90 family (wgmma) selected; run_impl sets JPA_CUDA_FAMILY
-    # around the whole build / compile / time of this row.
+def build_ours_sm80(pt, x):
+    # Ours with the launcher's portable sm80 family (mma.sync) forced; run_impl sets
+    # JPA_CUDA_FAMILY around the whole build / compile / time of this row.
     import jax_paged_attn as jpa
     if jax.devices()[0].platform != "gpu":
-        raise C.Unsupported("the sm90 family is a CUDA kernel")
-    if "sm90" not in jpa._registry.cuda_kernel_families():
-        raise C.Unsupported("this build has no sm90 kernels (JPA_SM90)")
-    return _build_jpa_style("ours-sm90", jpa.paged_prefill, pt, x)
+        raise C.Unsupported("the sm80 family is a CUDA kernel")
+    return _build_jpa_style("ours-sm80", jpa.paged_prefill, pt, x)
 
 
 def build_ours_separate(pt, x):
@@ -337,7 +336,7 @@ def build_pallas(pt, x):
     raise C.Unsupported("Pallas GPU paged_attention is decode-only")
 
 
-BUILDERS = {"ours": build_ours, "ours-sm90": build_ours_sm90,
+BUILDERS = {"ours": build_ours, "ours-sm80": build_ours_sm80,
             "ours-mixed": lambda pt, x: _build_jpa_style("ours-mixed", _jpa_prefill(), pt, x),
             "ours-separate": build_ours_separate, "cudnn-dense": build_cudnn_dense,
             "cudnn-paged": build_cudnn_paged, "pallas": build_pallas, "xla": build_xla}

@@ -6,9 +6,10 @@
 # quick benchmark. Logs go to $OUT (default ./out); a summary
 # table is printed last.
 #
-#   scripts/gpu_check.sh                      # build tests large fuzz sanitize bench cpu
-#   scripts/gpu_check.sh build sm90           # the GPU suite, fuzz and sanitizers on the sm90
-#                                             # family (JPA_CUDA_FAMILY=sm90)
+#   scripts/gpu_check.sh                      # build tests sm80 large fuzz sanitize bench cpu
+#   scripts/gpu_check.sh build sm80           # on a Hopper card: the GPU suite, fuzz and
+#                                             # sanitizers with the sm80 family forced
+#                                             # (JPA_CUDA_FAMILY=sm80; sm90 is the default there)
 #   scripts/gpu_check.sh build tests          # only some parts (build is implied if needed)
 #
 # Per-part time limits (seconds) can be set with T_BUILD, T_TESTS, T_LARGE, T_FUZZ, T_CPU, T_SAN, T_BENCH.
@@ -17,7 +18,7 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./out}
 mkdir -p "$OUT"
-PARTS=${*:-build tests sm90 large fuzz sanitize bench cpu}
+PARTS=${*:-build tests sm80 large fuzz sanitize bench cpu}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -51,6 +52,32 @@ run_part() {  # name timeout logfile cmd...
 pytest_counts() {  # last pytest summary line of a log
   grep -E "^(=+ )?[0-9]+ (passed|failed|error|skipped)|^=+ .*(passed|failed|error).* in " "$1" \
     | tail -1 | sed -E 's/=+//g; s/^ +//'
+}
+
+# The GPU suite in SHARDS pytest processes sharing the GPU (compilation is the bottleneck,
+# not the GPU), with the environment assignments given (e.g. JPA_CUDA_FAMILY=sm80); one log,
+# one summary line named $1. Sets SUITE_RCS and SUITE_COUNTS.
+gpu_suite() {  # name log [VAR=value ...]
+  local name=$1 log=$2; shift 2
+  local shards=${SHARDS:-6} t0 k rcs="" counts="" pids=()
+  t0=$(date +%s)
+  for k in $(seq 0 $((shards - 1))); do
+    env "$@" JPA_TEST_SHARD="$k/$shards" timeout --kill-after=15 "${T_TESTS:-240}" \
+      "$PY" -m pytest -v --tb=short -rfE --durations=5 -p no:cacheprovider tests/test_gpu.py \
+      ${PYTEST_GPU_ARGS:-} >"$log.$k" 2>&1 &
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid"; rcs="$rcs $?"; done
+  : >"$log"
+  for k in $(seq 0 $((shards - 1))); do
+    echo "######## shard $k/$shards" >>"$log"
+    cat "$log.$k" >>"$log"
+    counts="$counts [$(pytest_counts "$log.$k")]"
+    rm -f "$log.$k"
+  done
+  rcs="${rcs# }"
+  echo "[$name] rc=$rcs $(( $(date +%s) - t0 ))s"
+  note "$name" "rc=${rcs// /,}" "$(( $(date +%s) - t0 ))" "$counts"
 }
 
 # ---------------------------------------------------------------------------- build
@@ -97,71 +124,31 @@ fi
 
 # ---------------------------------------------------------------------------- GPU tests
 if has tests; then
-  # SHARDS pytest processes share the GPU (compilation is the bottleneck, not the GPU).
-  SHARDS=${SHARDS:-6}
-  t0=$(date +%s)
-  pids=()
-  for k in $(seq 0 $((SHARDS - 1))); do
-    JPA_TEST_SHARD="$k/$SHARDS" timeout --kill-after=15 "${T_TESTS:-240}" \
-      "$PY" -m pytest -v --tb=short -rfE --durations=5 -p no:cacheprovider tests/test_gpu.py \
-      ${PYTEST_GPU_ARGS:-} >"$OUT/.gpu_tests_$k.log" 2>&1 &
-    pids+=($!)
-  done
-  rcs=""
-  for pid in "${pids[@]}"; do wait "$pid"; rcs="$rcs $?"; done
-  dt=$(( $(date +%s) - t0 ))
-  : >"$OUT/gpu_tests.log"
-  counts=""
-  for k in $(seq 0 $((SHARDS - 1))); do
-    echo "######## shard $k/$SHARDS" >>"$OUT/gpu_tests.log"
-    cat "$OUT/.gpu_tests_$k.log" >>"$OUT/gpu_tests.log"
-    counts="$counts [$(pytest_counts "$OUT/.gpu_tests_$k.log")]"
-    rm -f "$OUT/.gpu_tests_$k.log"
-  done
-  echo "[tests] rc=$rcs ${dt}s"
-  rcs="${rcs# }"
-  note gpu-tests "rc=${rcs// /,}" "$dt" "$counts"
+  gpu_suite gpu-tests "$OUT/gpu_tests.log"
 fi
 
-# ---------------------------------------------------------------------------- sm90 family
-# The GPU suite, a fuzz run and the sanitizers again with the launcher's sm90 family (wgmma
-# prefill) forced: JPA_CUDA_FAMILY=sm90 (decode and fp8 pages stay on sm80).
-if has sm90; then
+# ---------------------------------------------------------------------------- sm80 family
+# On a Hopper card the default launch runs prefill on the sm90 family (wgmma); this part runs
+# the GPU suite, a fuzz run and the sanitizers again with the portable sm80 family forced
+# (JPA_CUDA_FAMILY=sm80), so one card checks both. Elsewhere sm80 is the default already.
+if has sm80; then
   fams=$("$PY" -c "import jax_paged_attn as j; print(' '.join(j._registry.cuda_kernel_families()))")
-  if [ "${fams#*sm90}" = "$fams" ]; then
-    note sm90 skip 0 "this build has no sm90 kernels (families: $fams)"
+  cc=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1)
+  if [ "${fams#*sm90}" = "$fams" ] || [ "$cc" != "9.0" ]; then
+    note sm80 skip 0 "the default launch is sm80 here (families: $fams; compute capability $cc)"
   else
-    SHARDS=${SHARDS:-6}
-    t0=$(date +%s)
-    pids=()
-    for k in $(seq 0 $((SHARDS - 1))); do
-      JPA_CUDA_FAMILY=sm90 JPA_TEST_SHARD="$k/$SHARDS" timeout --kill-after=15 "${T_TESTS:-240}" \
-        "$PY" -m pytest -v --tb=short -rfE -p no:cacheprovider tests/test_gpu.py \
-        ${PYTEST_GPU_ARGS:-} >"$OUT/.sm90_tests_$k.log" 2>&1 &
-      pids+=($!)
-    done
-    rcs=""
-    for pid in "${pids[@]}"; do wait "$pid"; rcs="$rcs $?"; done
-    : >"$OUT/sm90_tests.log"
-    counts=""
-    for k in $(seq 0 $((SHARDS - 1))); do
-      cat "$OUT/.sm90_tests_$k.log" >>"$OUT/sm90_tests.log"
-      counts="$counts [$(pytest_counts "$OUT/.sm90_tests_$k.log")]"
-      rm -f "$OUT/.sm90_tests_$k.log"
-    done
-    rcs="${rcs# }"
-    note sm90-tests "rc=${rcs// /,}" "$(( $(date +%s) - t0 ))" "$counts"
-    run_part sm90-fuzz "${T_FUZZ:-480}" "$OUT/sm90_fuzz.log" env JPA_CUDA_FAMILY=sm90 \
-      "$PY" scripts/gpu_fuzz.py --cases "${FUZZ_SM90_CASES:-300}" --seed 30000 --out "$OUT"
-    note sm90-fuzz "rc=$LAST_RC" "$LAST_DT" "$(grep -h '^gpu_fuzz:' "$OUT/sm90_fuzz.log" | tr '\n' ' ')"
+    gpu_suite sm80-tests "$OUT/sm80_tests.log" JPA_CUDA_FAMILY=sm80
+    run_part sm80-fuzz "${T_FUZZ:-480}" "$OUT/sm80_fuzz.log" env JPA_CUDA_FAMILY=sm80 \
+      "$PY" scripts/gpu_fuzz.py --cases "${FUZZ_SM80_CASES:-300}" --seed 30000 --out "$OUT"
+    note sm80-fuzz "rc=$LAST_RC" "$LAST_DT" "$(grep -h '^gpu_fuzz:' "$OUT/sm80_fuzz.log" | tr '\n' ' ')"
     for tool in memcheck racecheck initcheck; do
       filter=(--kernel-name kns=jpa)
       [ "$tool" = initcheck ] && filter=()
-      run_part "sm90-$tool" "${T_SAN:-75}" "$OUT/sanitizer_sm90_$tool.log" env JPA_CUDA_FAMILY=sm90 \
+      run_part "sm80-$tool" "${T_SAN:-75}" "$OUT/sanitizer_sm80_$tool.log" env JPA_CUDA_FAMILY=sm80 \
         compute-sanitizer --tool "$tool" "${filter[@]}" --error-exitcode 99 "$PY" \
         scripts/sanitizer_cases.py
-      note "sm90-$tool" "rc=$LAST_RC" "$LAST_DT" \
-        "$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer_sm90_$tool.log" | tail -1)"
+      note "sm80-$tool" "rc=$LAST_RC" "$LAST_DT" \
+        "$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer_sm80_$tool.log" | tail -1)"
     done
   fi
 fi

@@ -69,16 +69,16 @@ cudaError_t cached_tile_info(int dev, cuda::Family family, int64_t d, int shape,
 }
 
 // Kernel family of one call. The sm90 family (built with JPA_SM90) serves prefill with bf16
-// or f16 pages on compute capability 9.0. JPA_CUDA_FAMILY=sm90 selects it where it applies
-// (sm80 elsewhere); unset or "sm80": sm80 everywhere. sm80 stays the default until the sm90
-// kernels have passed the GPU suite on a Hopper card (docs/cuda_kernels.md).
+// or f16 pages on compute capability 9.0, and is the default there; sm80 serves everything
+// else. JPA_CUDA_FAMILY=sm80 forces sm80 everywhere (so one Hopper card checks and measures
+// both families; docs/cuda_kernels.md).
 cuda::Family choose_family(const AttnParams& p, const DeviceInfo& di, int shape) {
   const char* e = std::getenv("JPA_CUDA_FAMILY");
-  const bool want_sm90 = e != nullptr && std::strcmp(e, "sm90") == 0;
+  const bool force_sm80 = e != nullptr && std::strcmp(e, "sm80") == 0;
   const bool fits = di.cc_major == 9 && di.cc_minor == 0 && !p.is_decode() &&
                     shape != cuda::kShapeDecode &&
                     (p.kv.dtype == DType::kBF16 || p.kv.dtype == DType::kF16);
-  return JPA_WITH_SM90 && want_sm90 && fits ? cuda::Family::kSm90 : cuda::Family::kSm80;
+  return JPA_WITH_SM90 && !force_sm80 && fits ? cuda::Family::kSm90 : cuda::Family::kSm80;
 }
 
 DType compute_dtype(DType page_dtype) {
