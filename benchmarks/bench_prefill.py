@@ -461,6 +461,8 @@ def main(argv=None):
     p.add_argument("--no-ref-check", action="store_true",
                    help="skip the float32 reference used to check ours")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", default="",
+                   help="comma-separated substrings: run only the points whose name has one")
     args = p.parse_args(argv)
     impls = expand_impls(C.parse_impls(args.impls, IMPLS))
     outdir = C.out_dir(args.out)
@@ -485,8 +487,11 @@ def main(argv=None):
                     f"{limit / C.GiB:.1f} GiB")
         return None
 
+    only = [w for w in args.only.split(",") if w]
+    chosen = [pt for pt in points(args.quick, args.cpu_smoke)
+              if not only or any(w in pt.name for w in only)]
     rows = C.run_points(
-        points(args.quick, args.cpu_smoke), t_start=t_start, budget_s=args.budget_s,
+        chosen, t_start=t_start, budget_s=args.budget_s,
         run_one=lambda i, pt: run_point(pt, impls, timer, args.seed + i,
                                         not args.no_ref_check),
         base_row=lambda pt: {"point": pt.name, "config": pt.config, "B": pt.batch,

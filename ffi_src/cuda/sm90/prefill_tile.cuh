@@ -19,9 +19,8 @@
 //     their math.
 // The ring runs on mbarriers: full[s] completes when the loads of stage s have landed (and
 // are fenced for the MMA unit), empty[s] when both MMA warpgroups are done reading it. The
-// two MMA warpgroups take turns issuing their MMAs (named barriers), so one's softmax runs
-// while the other's MMAs keep the tensor cores busy; and each warpgroup's loop is pipelined
-// by one tile, its softmax of tile t + 1 overlapping its own P V MMAs of tile t.
+// two MMA warpgroups take turns issuing their S MMAs (named barriers), so one's softmax
+// runs while the other's MMAs keep the tensor cores busy.
 //
 // Q, K and V tiles are stored in 128-byte-swizzle atoms (hopper.cuh), the layout the MMA
 // reads through descriptors.
@@ -29,8 +28,8 @@
 // Scope: prefill (the launcher keeps decode on sm80), 16-bit pages (bf16 / f16; fp8 pages
 // stay on sm80), head_dim 64 / 128 / 256. The prepare kernel has checked every request and
 // its pages (rule 1-3 of docs/semantics.md) and written the NaN rows of invalid ones and the
-// padding rows. Not yet here: TMA loads (the gather needs one lookup per key; a TMA box would
-// cover one page).
+// padding rows. Not yet here: TMA loads and overlapping a warpgroup's own softmax with its
+// next tile's S MMAs.
 #pragma once
 
 #include <cmath>
@@ -233,14 +232,26 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};
 
   const uint32_t q_wg = q_base + 64 * wg * 128;  // this warpgroup's 64 rows of each block
-  float s_acc[BN / 2];                            // S of the tile being softmaxed
-  uint32_t pa[BN / 16][4];                        // its P, the A operand of the P V MMAs
-  float alpha[2];                                 // rescale of O and l from the last softmax
-
-  // S = Q K^T of the tile in `stage`: D / 16 k-steps; a step is 32 bytes inside a 64-wide
-  // column block. One commit group.
-  auto issue_s = [&](int stage) {
+  // Turns: warpgroup w issues its S MMAs after bar_sync(kBarTurn0 + w) and then hands the
+  // turn to the other one. Warpgroup 0 starts; its extra wait after the loop takes the
+  // other's last hand-over, so every arrival is matched.
+  if (wg == 1) bar_arrive(kBarTurn0, NT);
+  for (int tile = 0; tile < ntiles; ++tile) {
+    const int j0 = kb + tile * BN;
+    const int stage = tile % Cfg::kStages;
+    mbar_wait(full_bar + 8 * stage, (tile / Cfg::kStages) & 1);
     const uint32_t k_base = stage_base + stage * Cfg::kStageBytes;
+    const uint32_t v_base = k_base + Cfg::kTileBytes;
+
+    // ---- S = Q K^T: D / 16 k-steps; a step is 32 bytes inside a 64-wide column block ----
+    float s_acc[BN / 2];
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) s_acc[i] = 0.0f;  // overwritten (accumulate 0), but defined
+    // Register fences before the MMA fence: no write of these registers may move past it.
+    fence_registers(s_acc);
+    fence_registers(o_acc);
+    bar_sync(kBarTurn0 + wg, NT);
+    wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       const uint32_t col = (kk / 4), within = (kk % 4) * 32;
@@ -249,24 +260,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       Wgmma<BN, CT>::ss(s_acc, da, db, kk > 0 ? 1 : 0);
     }
     wgmma_commit();
-  };
-  // O += P V of the tile in `stage`: BN / 16 k-steps of 16 keys (2048 bytes of V rows each).
-  // One commit group.
-  auto issue_pv = [&](int stage) {
-    const uint32_t v_base = stage_base + stage * Cfg::kStageBytes + Cfg::kTileBytes;
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      const uint64_t dv = sw128_desc(v_base + kk * 16 * 128, BN * 128, 1024);
-      Wgmma<D, CT>::rs(o_acc, pa[kk], dv, 1);
-    }
-    wgmma_commit();
-  };
-  // Logits (log2 domain), mask and online softmax of the tile at keys [j0, j0 + BN) in
-  // s_acc, in place (s_acc = P in fp32); updates m_run and l_run and sets alpha. Touches
-  // neither o_acc nor pa: the previous tile's P V MMAs may still be reading them. Each step
-  // is one branch-free pass over the logits (a branch per element costs more than the MMAs);
-  // the max and the sum use four partials per row, not one serial chain.
-  auto softmax = [&](int j0) {
+    bar_arrive(kBarTurn0 + (wg ^ 1), NT);
+    wgmma_wait<0>();
+    fence_registers(s_acc);
+
+    // ---- logits (log2 domain), mask, online softmax. Each step is one branch-free pass over
+    // the tile's logits (a branch per element would cost more than the MMAs).
     if (use_cap) {
 #pragma unroll
       for (int i = 0; i < BN / 2; ++i) s_acc[i] = cap_out * tanhf(s_acc[i] * cap_in);
@@ -282,42 +281,20 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         if (j < vis_lo[h] || j >= vis_hi[h]) s_acc[i] = -INFINITY;
       }
     }
-    // Element i: row half (i >> 1) & 1; partial (i >> 2) & 3.
-    float part[2][4];
+    float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int k = 0; k < 4; ++k) part[h][k] = -INFINITY;
-#pragma unroll
-    for (int i = 0; i < BN / 2; ++i)
-      part[(i >> 1) & 1][(i >> 2) & 3] = fmaxf(part[(i >> 1) & 1][(i >> 2) & 3], s_acc[i]);
-    float m_use[2];
+    for (int i = 0; i < BN / 2; ++i) mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], s_acc[i]);
+    float m_use[2], alpha[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      float mx = fmaxf(fmaxf(part[h][0], part[h][1]), fmaxf(part[h][2], part[h][3]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m_run[h], mx);
+      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+      const float m_new = fmaxf(m_run[h], mx[h]);
       m_use[h] = m_new == -INFINITY ? 0.0f : m_new;
       alpha[h] = fast_exp2(m_run[h] - m_use[h]);
       m_run[h] = m_new;
+      l_run[h] *= alpha[h];
     }
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int k = 0; k < 4; ++k) part[h][k] = 0.0f;
-#pragma unroll
-    for (int i = 0; i < BN / 2; ++i) {
-      const float pr = fast_exp2(s_acc[i] - m_use[(i >> 1) & 1]);
-      part[(i >> 1) & 1][(i >> 2) & 3] += pr;
-      s_acc[i] = pr;
-    }
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-      l_run[h] = l_run[h] * alpha[h] + ((part[h][0] + part[h][1]) + (part[h][2] + part[h][3]));
-  };
-  // After the softmax's MMAs are done with O and the old P: rescale O, round P into pa.
-  auto rescale_and_pack = [&]() {
 #pragma unroll
     for (int i = 0; i < D / 8; ++i) {
       o_acc[4 * i + 0] *= alpha[0];
@@ -326,63 +303,34 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       o_acc[4 * i + 3] *= alpha[1];
     }
 #pragma unroll
+    for (int i = 0; i < BN / 2; ++i) {
+      const float pr = fast_exp2(s_acc[i] - m_use[(i >> 1) & 1]);
+      l_run[(i >> 1) & 1] += pr;
+      s_acc[i] = pr;
+    }
+
+    // ---- O += P V: BN / 16 k-steps of 16 keys (2048 bytes of V rows each) ----
+    // P in the compute dtype, all of it before the fence: the n8 chunks 2 kk and 2 kk + 1 of
+    // S are the A fragment of k-step kk (and registers written between two MMAs would make
+    // ptxas insert a fence before each).
+    uint32_t pa[BN / 16][4];
+#pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk)
 #pragma unroll
       for (int q = 0; q < 4; ++q)
         pa[kk][q] = TypeTraits<CT>::pack(s_acc[8 * kk + 2 * q], s_acc[8 * kk + 2 * q + 1]);
-  };
-  // Before an MMA fence: no ordinary write of an MMA's registers may move past it.
-  auto fence_all = [&]() {
-    fence_registers(s_acc);
-    fence_registers(o_acc);
     fence_registers(pa);
+    fence_registers(o_acc);  // the rescale above stays before the MMAs
     wgmma_fence();
-  };
-
-  // Schedule per warpgroup, software-pipelined by one tile: while the P V MMAs of tile t run,
-  // the warpgroup already softmaxes tile t + 1, whose S MMAs it issued just before them.
-  //   turn: [S(t + 1), PV(t)] issued back to back, then the turn passes to the other
-  //   warpgroup, whose MMA block runs while this one softmaxes.
-  // Turns: warpgroup w issues MMAs after bar_sync(kBarTurn0 + w) and then hands the turn to
-  // the other one. Warpgroup 0 starts; its extra wait after the loop takes the other's last
-  // hand-over, so every arrival is matched (both issue the same number of blocks).
-  if (wg == 1) bar_arrive(kBarTurn0, NT);
-  if (ntiles > 0) {
-    mbar_wait(full_bar, 0);
 #pragma unroll
-    for (int i = 0; i < BN / 2; ++i) s_acc[i] = 0.0f;  // overwritten (accumulate 0), but defined
-    fence_all();
-    bar_sync(kBarTurn0 + wg, NT);
-    issue_s(0);
-    bar_arrive(kBarTurn0 + (wg ^ 1), NT);
-    wgmma_wait<0>();
-    fence_registers(s_acc);
-    softmax(kb);
-    rescale_and_pack();  // O is zero: alpha only keeps it so
-  }
-  for (int tile = 0; tile < ntiles; ++tile) {
-    const int stage = tile % Cfg::kStages;
-    const bool next = tile + 1 < ntiles;  // the same for the whole CTA
-    const int nstage = (tile + 1) % Cfg::kStages;
-    if (next) mbar_wait(full_bar + 8 * nstage, ((tile + 1) / Cfg::kStages) & 1);
-    fence_all();
-    bar_sync(kBarTurn0 + wg, NT);
-    if (next) {
-      issue_s(nstage);
-      issue_pv(stage);
-      bar_arrive(kBarTurn0 + (wg ^ 1), NT);
-      wgmma_wait<1>();  // S(t + 1) is done; PV(t) may still run
-      fence_registers(s_acc);
-      softmax(kb + (tile + 1) * BN);
-    } else {
-      issue_pv(stage);
-      bar_arrive(kBarTurn0 + (wg ^ 1), NT);
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      const uint64_t dv = sw128_desc(v_base + kk * 16 * 128, BN * 128, 1024);
+      Wgmma<D, CT>::rs(o_acc, pa[kk], dv, 1);
     }
+    wgmma_commit();
     wgmma_wait<0>();
     fence_registers(o_acc);
-    fence_registers(pa);
     mbar_arrive(empty_bar + 8 * stage);  // this thread's MMAs no longer read the stage
-    if (next) rescale_and_pack();
   }
   if (wg == 0) bar_sync(kBarTurn0, NT);
 
