@@ -62,7 +62,8 @@ def has_cuda_kernels() -> bool:
 
 def cuda_kernel_families() -> list[str]:
     """The CUDA kernel families this build holds: [] (CPU-only build), ["sm80"], or
-    ["sm80", "sm90"] (Hopper wgmma prefill, chosen per call with JPA_CUDA_FAMILY=sm90)."""
+    ["sm80", "sm90"] (Hopper wgmma prefill: the default for 16-bit-page prefill on compute
+    capability 9.0; JPA_CUDA_FAMILY=sm80 forces sm80)."""
     return list(extension().cuda_kernel_families())
 
 
