@@ -1,9 +1,13 @@
 // The Python extension: it hands out the FFI handlers as capsules (registration happens in
 // jax_paged_attn/_registry.py through jax.ffi.register_ffi_target), and the one fact the
-// Python lowering must not re-derive: the size of the CUDA attention workspace (and which
-// CUDA kernel families the build holds).
+// Python lowering must not re-derive: the size of the CUDA attention workspace, the CUDA
+// kernels' shape limits, and which CUDA kernel families the build holds.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
 
+#include <string>
+
+#include "common/gpu_limits.h"
 #include "common/workspace.h"
 #include "ffi/handlers.h"
 
@@ -31,6 +35,16 @@ NB_MODULE(_jpa_ffi, m) {
         nb::arg("head_dim"), nb::arg("batch"), nb::arg("max_pages_per_req"),
         nb::arg("page_size"), nb::arg("max_q_len"),
         "Bytes of the workspace output of a CUDA decode / prefill call (never zero).");
+  m.def("gpu_shape_limit",
+        [](int64_t num_tokens, int64_t num_q_heads, int64_t group, int64_t batch,
+           int64_t max_pages_per_req, int64_t page_size, int64_t max_q_len) {
+          const char* why = jpa::gpu_shape_limit(num_tokens, num_q_heads, group, batch,
+                                                 max_pages_per_req, page_size, max_q_len);
+          return std::string(why == nullptr ? "" : why);
+        },
+        nb::arg("num_tokens"), nb::arg("num_q_heads"), nb::arg("group"), nb::arg("batch"),
+        nb::arg("max_pages_per_req"), nb::arg("page_size"), nb::arg("max_q_len"),
+        "Why a CUDA attention call of these shapes cannot run (\"\" if it can).");
   m.def("cuda_kernel_families", []() {
     nb::list l;
 #ifdef JPA_WITH_CUDA

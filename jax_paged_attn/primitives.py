@@ -100,6 +100,14 @@ def _cuda_attention_lowering(name):
         bt = ctx.avals_in[3]
         _, page_size, num_kv_heads, _ = page_geometry(
             ctx.avals_in[1].shape, LAYOUT_NAMES[params["kv_layout"]], params["kv_combined"])
+        # The kernels' 32-bit index limits (ffi_src/common/gpu_limits.h), from the extension.
+        # (max_q_len is q_len_per_req for decode.)
+        why = _registry.extension().gpu_shape_limit(
+            num_tokens=t, num_q_heads=hq, group=hq // num_kv_heads, batch=bt.shape[0],
+            max_pages_per_req=bt.shape[1], page_size=page_size, max_q_len=params["max_q_len"])
+        if why:
+            raise ValueError(f"jax_paged_attn: {why} on the GPU (shapes: q {params['q_shape']},"
+                             f" block_tables {tuple(bt.shape)}, page_size {page_size})")
         # The size is the extension's (ffi_src/common/workspace.h, shared with the launcher):
         # the Python side never re-derives the kernels' tiling.
         nbytes = _registry.extension().attention_workspace_bytes(

@@ -12,6 +12,7 @@
 #include <mutex>
 #include <tuple>
 
+#include "../common/gpu_limits.h"
 #include "attn_launch.h"
 #include "cuda_utils.cuh"
 #include "launchers.h"
@@ -126,13 +127,10 @@ cudaError_t PlanAttention(const AttnParams& p, AttnPlan* plan) {
   }
   // The kernels index rows, keys and grid dimensions with 32-bit integers; every address
   // (token * stride, page * page_stride, row * head_dim, workspace offsets) is formed in
-  // int64 (docs/int64_audit.md). Rows: T * Hq < 2^31. Keys: a request's key indices plus one
-  // key tile must fit in int32; a valid request has seq_len <= max_pages_per_req * page_size,
-  // so that capacity is bounded (2^31 - 2^16: far beyond any context, and the tile loop's
-  // `j0 + BN` / `ke - kb + BN - 1` stay below 2^31).
-  if (p.num_tokens * p.num_q_heads >= (int64_t(1) << 31) || p.batch > 65535 ||
-      p.kv.page_size >= (int64_t(1) << 31) || p.max_q_len >= (int64_t(1) << 31) ||
-      p.max_pages_per_req * p.kv.page_size > (int64_t(1) << 31) - (int64_t(1) << 16))
+  // int64 (docs/int64_audit.md). The shape limits that keeps safe (common/gpu_limits.h) are
+  // raised at trace time by the CUDA lowering; checked again here.
+  if (gpu_shape_limit(p.num_tokens, p.num_q_heads, p.num_q_heads / p.kv.num_heads, p.batch,
+                      p.max_pages_per_req, p.kv.page_size, p.max_q_len) != nullptr)
     return cudaErrorInvalidValue;
 
   const int64_t B = p.batch;
