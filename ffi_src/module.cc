@@ -36,13 +36,15 @@ NB_MODULE(_jpa_ffi, m) {
         nb::arg("page_size"), nb::arg("max_q_len"),
         "Bytes of the workspace output of a CUDA decode / prefill call (never zero).");
   m.def("gpu_shape_limit",
-        [](int64_t num_tokens, int64_t num_q_heads, int64_t group, int64_t batch,
-           int64_t max_pages_per_req, int64_t page_size, int64_t max_q_len) {
-          const char* why = jpa::gpu_shape_limit(num_tokens, num_q_heads, group, batch,
-                                                 max_pages_per_req, page_size, max_q_len);
+        [](int64_t num_tokens, int64_t num_q_heads, int64_t group, int64_t head_dim,
+           int64_t batch, int64_t max_pages_per_req, int64_t page_size, int64_t max_q_len) {
+          const char* why = jpa::gpu_shape_limit(num_tokens, num_q_heads, group, head_dim,
+                                                 batch, max_pages_per_req, page_size,
+                                                 max_q_len);
           return std::string(why == nullptr ? "" : why);
         },
-        nb::arg("num_tokens"), nb::arg("num_q_heads"), nb::arg("group"), nb::arg("batch"),
+        nb::arg("num_tokens"), nb::arg("num_q_heads"), nb::arg("group"), nb::arg("head_dim"),
+        nb::arg("batch"),
         nb::arg("max_pages_per_req"), nb::arg("page_size"), nb::arg("max_q_len"),
         "Why a CUDA attention call of these shapes cannot run (\"\" if it can).");
   m.def("cuda_kernel_families", []() {

@@ -103,7 +103,7 @@ def _cuda_attention_lowering(name):
         # The kernels' 32-bit index limits (ffi_src/common/gpu_limits.h), from the extension.
         # (max_q_len is q_len_per_req for decode.)
         why = _registry.extension().gpu_shape_limit(
-            num_tokens=t, num_q_heads=hq, group=hq // num_kv_heads, batch=bt.shape[0],
+            num_tokens=t, num_q_heads=hq, group=hq // num_kv_heads, head_dim=d, batch=bt.shape[0],
             max_pages_per_req=bt.shape[1], page_size=page_size, max_q_len=params["max_q_len"])
         if why:
             raise ValueError(f"jax_paged_attn: {why} on the GPU (shapes: q {params['q_shape']},"

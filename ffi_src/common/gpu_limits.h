@@ -15,16 +15,15 @@ constexpr int64_t kGpuMaxBatch = 65535;                     // grid.y: one row p
 // A request's keys plus one key tile must fit an int; a valid request has
 // seq_len <= max_pages_per_req * page_size, so that capacity is what is bounded.
 constexpr int64_t kGpuMaxKeys = (int64_t(1) << 31) - (int64_t(1) << 16);
-// grid.z = row blocks of the longest request: max_q_len * group rows in blocks of at least
-// 64 (the prefill tiles' smallest block; q_len-1 decode rows use 16 but stay far below).
+// grid.z = row blocks of the longest request: max_q_len * group rows in the tiles' blocks
+// (ws::kBlockRows: 16 or 64 rows for short requests, else 128; 64 at head_dim 256).
 constexpr int64_t kGpuMaxRowBlocks = 65535;
-constexpr int64_t kGpuMinPrefillBlockRows = 64;
 
 // Why a call with these shapes cannot run on the CUDA kernels, or nullptr if it can.
 // `group` = num_q_heads / num_kv_heads; `max_q_len` = the longest request's query rows
 // (q_len_per_req for decode).
 inline const char* gpu_shape_limit(int64_t num_tokens, int64_t num_q_heads, int64_t group,
-                                   int64_t batch, int64_t max_pages_per_req,
+                                   int64_t head_dim, int64_t batch, int64_t max_pages_per_req,
                                    int64_t page_size, int64_t max_q_len) {
   if (num_tokens > 0 && num_q_heads > kGpuMaxRows / num_tokens)
     return "num_tokens * num_q_heads must be below 2**31";
@@ -35,9 +34,10 @@ inline const char* gpu_shape_limit(int64_t num_tokens, int64_t num_q_heads, int6
     return "the block table's capacity (max_pages_per_req * page_size) must be at most "
            "2**31 - 2**16 keys";
   const int64_t rows = max_q_len * group;  // both below 2**31: no int64 overflow
-  const int64_t bm = rows <= 16 ? 16 : kGpuMinPrefillBlockRows;
+  const int64_t bm = rows <= 16 ? 16 : rows <= 64 || head_dim == 256 ? 64 : 128;
   if ((rows + bm - 1) / bm > kGpuMaxRowBlocks)
-    return "max_q_len * (num_q_heads / num_kv_heads) must be at most 65535 * 64 rows";
+    return "max_q_len * (num_q_heads / num_kv_heads) must be at most 65535 row blocks (of "
+           "128 rows; 64 at head_dim 256)";
   return nullptr;
 }
 

@@ -129,8 +129,9 @@ cudaError_t PlanAttention(const AttnParams& p, AttnPlan* plan) {
   // (token * stride, page * page_stride, row * head_dim, workspace offsets) is formed in
   // int64 (docs/int64_audit.md). The shape limits that keeps safe (common/gpu_limits.h) are
   // raised at trace time by the CUDA lowering; checked again here.
-  if (gpu_shape_limit(p.num_tokens, p.num_q_heads, p.num_q_heads / p.kv.num_heads, p.batch,
-                      p.max_pages_per_req, p.kv.page_size, p.max_q_len) != nullptr)
+  if (gpu_shape_limit(p.num_tokens, p.num_q_heads, p.num_q_heads / p.kv.num_heads,
+                      p.head_dim, p.batch, p.max_pages_per_req, p.kv.page_size,
+                      p.max_q_len) != nullptr)
     return cudaErrorInvalidValue;
 
   const int64_t B = p.batch;
