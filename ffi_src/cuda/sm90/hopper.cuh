@@ -83,7 +83,8 @@ __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
 
-// Waits (acquire) until the barrier's phase of parity `parity` has completed.
+// Waits (acquire) until the barrier's phase of parity `parity` has completed. Every lane of
+// the calling warp must call it.
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   uint32_t done = 0;
   do {
@@ -94,6 +95,9 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
         : "r"(bar), "r"(parity)
         : "memory");
   } while (!done);
+  // The lanes may leave the loop at different times; the callers go on to .aligned
+  // instructions (bar.sync, wgmma.fence) that need the whole warp together.
+  __syncwarp();
 }
 
 // Named barriers 1..15 over `count` threads (a multiple of 32; barrier 0 is __syncthreads).
