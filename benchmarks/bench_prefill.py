@@ -51,8 +51,9 @@ import device_inputs as DI  # noqa: E402
 IMPLS = ("ours", "ours-sm80", "ours-mixed", "ours-separate", "cudnn", "cudnn-dense",
          "cudnn-paged", "pallas", "xla")
 DEFAULT_IMPLS = ("ours", "ours-sm80", "ours-mixed", "ours-separate", "cudnn", "xla")
-# Rows run with the launcher's switches set (read when XLA runs the call, so set for the
-# row's whole build / compile / time): the sm80 family forced; the mixed-batch split launch.
+# Rows run with the launcher's switches set (read when the call is lowered: set around the
+# row's whole build / compile / time, each row its own jit): the sm80 family forced; the
+# mixed-batch split launch.
 IMPL_ENV = {"ours-sm80": {"JPA_CUDA_FAMILY": "sm80"}, "ours-mixed": {"JPA_CUDA_MIXED": "1"}}
 REL_TOL = 2e-2
 

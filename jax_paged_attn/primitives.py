@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _registry, compat
+from . import _registry, compat, launch_options
 from .pages import LAYOUT_NAMES, page_geometry
 from .views import StridedView
 
@@ -89,7 +89,8 @@ def _check_cuda_supported(ctx, params):
 
 def _cpu_attention_lowering(name):
     def rule(ctx, *operands, **params):
-        return compat.ffi_lowering(name)(ctx, *operands, **_attention_attrs(**params))
+        return compat.ffi_lowering(name)(ctx, *operands, **_attention_attrs(**params),
+                                         **launch_options.defaults())
     return rule
 
 
@@ -118,7 +119,9 @@ def _cuda_attention_lowering(name):
         # from the primitive's results.
         ws = compat.ShapedArray((int(nbytes),), np.dtype(np.uint8))
         wctx = compat.replace_avals_out(ctx, [*ctx.avals_out, ws])
-        results = compat.ffi_lowering(name)(wctx, *operands, **_attention_attrs(**params))
+        # The launcher's switches as the environment sets them now (launch_options.py).
+        results = compat.ffi_lowering(name)(wctx, *operands, **_attention_attrs(**params),
+                                            **launch_options.from_environment())
         return results[:2]
     return rule
 

@@ -664,8 +664,9 @@ def test_ragged_append_interleaved_bitwise():
 @on_shard(4)
 @pytest.mark.parametrize("family", ["sm80", "sm90"])
 def test_family_switch_runs_that_familys_kernel(family, monkeypatch):
-    """JPA_CUDA_FAMILY picks the prefill kernel family (read when XLA runs the call): the
-    profile names the family's kernel, and both match the reference."""
+    """JPA_CUDA_FAMILY picks the prefill kernel family (read when the call is lowered, so
+    the jit below is a fresh one): the profile names the family's kernel, and both match the
+    reference."""
     profiler = pytest.importorskip("jax.experimental.mosaic.gpu.profiler")
     if family == "sm90":
         if "sm90" not in jpa._registry.cuda_kernel_families():

@@ -33,6 +33,15 @@ struct PagedKV {
   int64_t head_stride = 0;
 };
 
+// The CUDA launcher's switches for one call, fixed when the call was lowered (custom-call
+// attributes from jax_paged_attn/launch_options.py). The CPU path ignores them.
+struct LaunchSwitches {
+  bool force_sm80 = false;     // false: the device's default family (sm90 prefill on 9.0)
+  bool mixed_split = false;    // mixed batches: a 16-row-shape launch for the short requests
+  int tile_rows = 0;           // 0: by the rows; 64 or 128 force a prefill tile shape
+  bool longest_first = true;   // decode with fused checks: longest request first
+};
+
 struct AttnParams {
   // Query [num_tokens, num_q_heads, head_dim].
   TokenView q;
@@ -63,6 +72,8 @@ struct AttnParams {
   void* out = nullptr;
   DType out_dtype = DType::kInvalid;
   float* lse = nullptr;
+
+  LaunchSwitches launch;
 
   // Scratch for split-KV partials (GPU only): an extra XLA output, never read before written.
   void* workspace = nullptr;

@@ -6,8 +6,6 @@
 // cached host-side queries of device attributes.
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -71,15 +69,15 @@ cudaError_t cached_tile_info(int dev, cuda::Family family, int64_t d, int shape,
 
 // Kernel family of one call. The sm90 family (built with JPA_SM90) serves prefill with bf16
 // or f16 pages on compute capability 9.0, and is the default there; sm80 serves everything
-// else. JPA_CUDA_FAMILY=sm80 forces sm80 everywhere (so one Hopper card checks and measures
-// both families; docs/cuda_kernels.md).
+// else. The launch switch force_sm80 (JPA_CUDA_FAMILY=sm80 when the call was lowered) forces
+// sm80 everywhere, so one Hopper card checks and measures both families
+// (docs/cuda_kernels.md).
 cuda::Family choose_family(const AttnParams& p, const DeviceInfo& di, int shape) {
-  const char* e = std::getenv("JPA_CUDA_FAMILY");
-  const bool force_sm80 = e != nullptr && std::strcmp(e, "sm80") == 0;
   const bool fits = di.cc_major == 9 && di.cc_minor == 0 && !p.is_decode() &&
                     shape != cuda::kShapeDecode &&
                     (p.kv.dtype == DType::kBF16 || p.kv.dtype == DType::kF16);
-  return JPA_WITH_SM90 && !force_sm80 && fits ? cuda::Family::kSm90 : cuda::Family::kSm80;
+  return JPA_WITH_SM90 && !p.launch.force_sm80 && fits ? cuda::Family::kSm90
+                                                       : cuda::Family::kSm80;
 }
 
 DType compute_dtype(DType page_dtype) {
@@ -160,20 +158,17 @@ cudaError_t PlanAttention(const AttnParams& p, AttnPlan* plan) {
   int shape = max_rows <= 16   ? cuda::kShapeDecode
               : max_rows <= 64 ? cuda::kShapePrefill64
                                : cuda::kShapePrefill128;
-  // Benchmarking knob: JPA_CUDA_TILE_ROWS=64 or 128 forces a prefill tile shape.
+  // Benchmarking knob (JPA_CUDA_TILE_ROWS=64 or 128 at lowering): a forced prefill shape.
   if (shape != cuda::kShapeDecode) {
-    if (const char* e = std::getenv("JPA_CUDA_TILE_ROWS")) {
-      if (std::strcmp(e, "64") == 0) shape = cuda::kShapePrefill64;
-      if (std::strcmp(e, "128") == 0) shape = cuda::kShapePrefill128;
-    }
+    if (p.launch.tile_rows == 64) shape = cuda::kShapePrefill64;
+    if (p.launch.tile_rows == 128) shape = cuda::kShapePrefill128;
   }
   // Decode with the 16-row shape needs no prepare kernel: the tiles check their request and
   // pages themselves (AttnLaunch::fused_checks). Prefill keeps it (padding rows, run max).
   L.fused_checks = p.is_decode() && shape == cuda::kShapeDecode;
   L.longest_first = L.fused_checks && B > 1 && B <= cuda::kMaxLongestFirstBatch;
-  // Benchmarking knob: JPA_CUDA_LONGEST_FIRST=0 keeps batch order.
-  if (const char* e = std::getenv("JPA_CUDA_LONGEST_FIRST"))
-    if (std::strcmp(e, "0") == 0) L.longest_first = false;
+  // Benchmarking knob (JPA_CUDA_LONGEST_FIRST=0 at lowering): batch order.
+  if (!p.launch.longest_first) L.longest_first = false;
   plan->family = choose_family(p, di, shape);
   TileInfo ti;
   JPA_CUDA_TRY(cached_tile_info(dev, plan->family, D, shape, pd, &ti));
@@ -232,10 +227,10 @@ cudaError_t PlanAttention(const AttnParams& p, AttnPlan* plan) {
   // 16-row shape in a launch of their own instead of a prefill tile each; both launches use
   // the same splits (one merge). The launcher cannot see q lengths (device memory), so each
   // CTA checks its request's class and returns at once when it is the other launch's.
-  // Off unless JPA_CUDA_MIXED=1 until measured on a GPU (issue: mixed batches).
-  const char* mixed = std::getenv("JPA_CUDA_MIXED");
-  if (mixed != nullptr && std::strcmp(mixed, "1") == 0 && !p.is_decode() &&
-      shape != cuda::kShapeDecode && B > 1 && G <= cuda::kSmallRows) {
+  // Off unless the mixed_split switch is on (JPA_CUDA_MIXED=1 at lowering) until measured on
+  // a GPU (issue: mixed batches).
+  if (p.launch.mixed_split && !p.is_decode() && shape != cuda::kShapeDecode && B > 1 &&
+      G <= cuda::kSmallRows) {
     TileInfo small;
     JPA_CUDA_TRY(cached_tile_info(dev, cuda::Family::kSm80, D, cuda::kShapeDecode, pd, &small));
     if (small.smem_bytes > di.max_smem_optin || small.ctas_per_sm < 1)

@@ -20,6 +20,13 @@ struct AttentionAttrs {
   int64_t causal;
   int64_t q_len_per_req;                       // decode
   int64_t max_q_len;                           // prefill
+  // The CUDA launcher's switches (jax_paged_attn/launch_options.py; the CPU path ignores
+  // them): kernel family (0 = the device's default, 1 = sm80), mixed-batch split launch,
+  // forced prefill tile rows (0, 64, 128), longest request first (decode).
+  int64_t launch_family;
+  int64_t launch_mixed;
+  int64_t launch_tile_rows;
+  int64_t launch_longest_first;
 };
 
 struct AppendAttrs {
@@ -43,7 +50,11 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
     ::xla::ffi::StructMember<int64_t>("window_left"),
     ::xla::ffi::StructMember<int64_t>("causal"),
     ::xla::ffi::StructMember<int64_t>("q_len_per_req"),
-    ::xla::ffi::StructMember<int64_t>("max_q_len"));
+    ::xla::ffi::StructMember<int64_t>("max_q_len"),
+    ::xla::ffi::StructMember<int64_t>("launch_family"),
+    ::xla::ffi::StructMember<int64_t>("launch_mixed"),
+    ::xla::ffi::StructMember<int64_t>("launch_tile_rows"),
+    ::xla::ffi::StructMember<int64_t>("launch_longest_first"));
 
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
     ::jpa::AppendAttrs, ::xla::ffi::StructMember<int64_t>("k_offset"),

@@ -1,0 +1,48 @@
+"""The CUDA launcher's switches, read from the environment when a call is lowered for the GPU
+and carried by its custom call as attributes (ffi_src/ffi/attrs.h).
+
+So an executable keeps the options it was compiled with: later changes of the environment
+do not reach it (set a switch before the function's first call, or build a fresh `jax.jit`
+for each setting, as the benchmarks do), and a command buffer replays what the call was
+lowered with. A value outside the ones below is a ValueError at trace time.
+
+    JPA_CUDA_FAMILY        "" / "auto" / "sm90": the device's default family (sm90 prefill on
+                           compute capability 9.0 when the build has it); "sm80": the portable
+                           family everywhere
+    JPA_CUDA_MIXED         "1": mixed batches get a 16-row-shape launch for their short
+                           requests (docs/cuda_kernels.md); "" / "0": off
+    JPA_CUDA_TILE_ROWS     benchmarking knob: "64" or "128" force a prefill tile shape
+    JPA_CUDA_LONGEST_FIRST benchmarking knob: "0" keeps decode CTAs in batch order
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+# attribute -> (environment variable, {accepted value: attribute value}); "" is unset.
+SWITCHES = {
+    "launch_family": ("JPA_CUDA_FAMILY", {"": 0, "auto": 0, "sm90": 0, "sm80": 1}),
+    "launch_mixed": ("JPA_CUDA_MIXED", {"": 0, "0": 0, "1": 1}),
+    "launch_tile_rows": ("JPA_CUDA_TILE_ROWS", {"": 0, "64": 64, "128": 128}),
+    "launch_longest_first": ("JPA_CUDA_LONGEST_FIRST", {"": 1, "1": 1, "0": 0}),
+}
+
+
+def defaults() -> dict[str, np.int64]:
+    """The switches as unset (what the CPU lowering passes; the CPU kernels ignore them)."""
+    return {attr: np.int64(values[""]) for attr, (_, values) in SWITCHES.items()}
+
+
+def from_environment() -> dict[str, np.int64]:
+    """The switches as the environment sets them now (called by the CUDA lowering)."""
+    out = {}
+    for attr, (var, values) in SWITCHES.items():
+        raw = os.environ.get(var, "").strip()
+        if raw not in values:
+            choices = ", ".join(repr(v) for v in values if v)
+            raise ValueError(f"jax_paged_attn: {var}={raw!r} is not one of {choices} "
+                             "(or unset)")
+        out[attr] = np.int64(values[raw])
+    return out
