@@ -217,22 +217,18 @@ def _build_jpa_style(name, prefill_fn, pt, x):
                   lambda o: o)]
 
 
-def _jpa_prefill():
+def build_ours(pt, x, name="ours"):
+    # Also the rows that differ from ours only by the launcher's switches (IMPL_ENV, set by
+    # run_impl around the row's whole build / compile / time).
     import jax_paged_attn as jpa
-    return jpa.paged_prefill
-
-
-def build_ours(pt, x):
-    return _build_jpa_style("ours", _jpa_prefill(), pt, x)
+    return _build_jpa_style(name, jpa.paged_prefill, pt, x)
 
 
 def build_ours_sm80(pt, x):
-    # Ours with the launcher's portable sm80 family (mma.sync) forced; run_impl sets
-    # JPA_CUDA_FAMILY around the whole build / compile / time of this row.
-    import jax_paged_attn as jpa
+    # Ours with the launcher's portable sm80 family (mma.sync) forced.
     if jax.devices()[0].platform != "gpu":
         raise C.Unsupported("the sm80 family is a CUDA kernel")
-    return _build_jpa_style("ours-sm80", jpa.paged_prefill, pt, x)
+    return build_ours(pt, x, "ours-sm80")
 
 
 def build_ours_separate(pt, x):
@@ -338,7 +334,7 @@ def build_pallas(pt, x):
 
 
 BUILDERS = {"ours": build_ours, "ours-sm80": build_ours_sm80,
-            "ours-mixed": lambda pt, x: _build_jpa_style("ours-mixed", _jpa_prefill(), pt, x),
+            "ours-mixed": lambda pt, x: build_ours(pt, x, "ours-mixed"),
             "ours-separate": build_ours_separate, "cudnn-dense": build_cudnn_dense,
             "cudnn-paged": build_cudnn_paged, "pallas": build_pallas, "xla": build_xla}
 

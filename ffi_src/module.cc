@@ -44,8 +44,8 @@ NB_MODULE(_jpa_ffi, m) {
           return std::string(why == nullptr ? "" : why);
         },
         nb::arg("num_tokens"), nb::arg("num_q_heads"), nb::arg("group"), nb::arg("head_dim"),
-        nb::arg("batch"),
-        nb::arg("max_pages_per_req"), nb::arg("page_size"), nb::arg("max_q_len"),
+        nb::arg("batch"), nb::arg("max_pages_per_req"), nb::arg("page_size"),
+        nb::arg("max_q_len"),
         "Why a CUDA attention call of these shapes cannot run (\"\" if it can).");
   m.def("cuda_kernel_families", []() {
     nb::list l;

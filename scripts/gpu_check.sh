@@ -80,6 +80,51 @@ gpu_suite() {  # name log [VAR=value ...]
   note "$name" "rc=${rcs// /,}" "$(( $(date +%s) - t0 ))" "$counts"
 }
 
+# One compute-sanitizer run of scripts/sanitizer_cases.py: RUN is tool:allocator (pool =
+# XLA's default pooled allocator, platform = one cudaMalloc per buffer); PREFIX names the
+# run ("" or e.g. sm80); the VAR=value assignments go into its environment. Inside the pool,
+# a read past the end of an operand lands in memory XLA owns: memcheck cannot see it, and
+# initcheck reports it only if those bytes were never written. With one allocation per
+# buffer memcheck sees every access outside an operand (docs/sanitizers.md). Each run has its
+# own log and summary line; a run with errors also gets the operand each reported address
+# falls in (scripts/sanitizer_cases.py --map).
+sanitize_run() {  # tool:allocator prefix [VAR=value ...]
+  local run=$1 prefix=$2; shift 2
+  local tool=${run%%:*} name log summ done_ok where
+  local extra=() alloc=()
+  name=${prefix:+$prefix-}$tool
+  log="$OUT/sanitizer_${prefix:+${prefix}_}$tool"
+  if [ "${run#*:}" = platform ]; then
+    name=$name-plat log=${log}_platform
+    alloc=(XLA_PYTHON_CLIENT_ALLOCATOR=platform)
+    # guard bytes after every allocation: an overrun cannot land in a neighbouring buffer
+    [ "$tool" = memcheck ] && extra=(--padding 256)
+  fi
+  log=$log.log
+  # memcheck / racecheck instrument only our kernels (names contain jpa). initcheck must see
+  # every kernel: writes by uninstrumented XLA kernels would look uninitialized.
+  local filter=(--kernel-name kns=jpa)
+  [ "$tool" = initcheck ] && filter=()
+  run_part "$name" "${T_SAN:-75}" "$log" env "$@" "${alloc[@]}" compute-sanitizer \
+    --tool "$tool" "${filter[@]}" "${extra[@]}" --error-exitcode 99 "$PY" \
+    scripts/sanitizer_cases.py
+  if ! grep -q "ERROR SUMMARY\|RACECHECK SUMMARY\|sanitizer_cases: done" "$log"; then
+    # this compute-sanitizer does not know the filter (or padding) option: check every
+    # kernel, without padding
+    run_part "$name" "${T_SAN:-75}" "$log" env "$@" "${alloc[@]}" compute-sanitizer \
+      --tool "$tool" --error-exitcode 99 "$PY" scripts/sanitizer_cases.py
+  fi
+  summ=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$log" | tail -1)
+  done_ok=$(grep -c "sanitizer_cases: done" "$log")
+  where=""
+  if grep -qE "ERROR SUMMARY: [1-9]" "$log"; then
+    "$PY" scripts/sanitizer_cases.py --map "$log" >"$log.map" 2>&1
+    where=$(tail -1 "$log.map")
+  fi
+  note "$name" "rc=$LAST_RC" "$LAST_DT" \
+    "${summ:-no summary} (script done: $done_ok)${where:+; $where, see $log.map}"
+}
+
 # ---------------------------------------------------------------------------- build
 if has build || ! ls jax_paged_attn/_jpa_ffi*.so >/dev/null 2>&1; then
   run_part build "${T_BUILD:-240}" "$OUT/build.log" env JPA_CUDA=ON \
@@ -141,14 +186,8 @@ if has sm80; then
     run_part sm80-fuzz "${T_FUZZ:-480}" "$OUT/sm80_fuzz.log" env JPA_CUDA_FAMILY=sm80 \
       "$PY" scripts/gpu_fuzz.py --cases "${FUZZ_SM80_CASES:-300}" --seed 30000 --out "$OUT"
     note sm80-fuzz "rc=$LAST_RC" "$LAST_DT" "$(grep -h '^gpu_fuzz:' "$OUT/sm80_fuzz.log" | tr '\n' ' ')"
-    for tool in memcheck racecheck initcheck; do
-      filter=(--kernel-name kns=jpa)
-      [ "$tool" = initcheck ] && filter=()
-      run_part "sm80-$tool" "${T_SAN:-75}" "$OUT/sanitizer_sm80_$tool.log" env JPA_CUDA_FAMILY=sm80 \
-        compute-sanitizer --tool "$tool" "${filter[@]}" --error-exitcode 99 "$PY" \
-        scripts/sanitizer_cases.py
-      note "sm80-$tool" "rc=$LAST_RC" "$LAST_DT" \
-        "$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer_sm80_$tool.log" | tail -1)"
+    for run in memcheck:pool racecheck:pool initcheck:pool; do
+      sanitize_run "$run" sm80 JPA_CUDA_FAMILY=sm80
     done
   fi
 fi
@@ -175,45 +214,8 @@ fi
 
 # ---------------------------------------------------------------------------- sanitizer
 if has sanitize; then
-  # Each tool with XLA's default pooled allocator, then memcheck and initcheck again with the
-  # platform allocator (one cudaMalloc per buffer). Inside the pool, a read past the end of an
-  # operand lands in memory XLA owns: memcheck cannot see it, and initcheck reports it only
-  # if those bytes were never written. With one allocation per buffer memcheck sees every
-  # access outside an operand (docs/sanitizers.md). Each run has its own log and summary line;
-  # a run with errors also gets the operand each reported address falls in
-  # (scripts/sanitizer_cases.py --map).
   for run in memcheck:pool racecheck:pool initcheck:pool memcheck:platform initcheck:platform; do
-    tool=${run%%:*}
-    extra=()
-    if [ "${run#*:}" = pool ]; then
-      name=$tool log="$OUT/sanitizer_$tool.log" alloc=()
-    else
-      name=$tool-plat log="$OUT/sanitizer_${tool}_platform.log"
-      alloc=(XLA_PYTHON_CLIENT_ALLOCATOR=platform)
-      # guard bytes after every allocation: an overrun cannot land in a neighbouring buffer
-      [ "$tool" = memcheck ] && extra=(--padding 256)
-    fi
-    # memcheck / racecheck instrument only our kernels (names contain jpa). initcheck must see
-    # every kernel: writes by uninstrumented XLA kernels would look uninitialized.
-    filter=(--kernel-name kns=jpa)
-    [ "$tool" = initcheck ] && filter=()
-    run_part "$name" "${T_SAN:-75}" "$log" env "${alloc[@]}" compute-sanitizer --tool "$tool" \
-      "${filter[@]}" "${extra[@]}" --error-exitcode 99 "$PY" scripts/sanitizer_cases.py
-    if ! grep -q "ERROR SUMMARY\|RACECHECK SUMMARY\|sanitizer_cases: done" "$log"; then
-      # this compute-sanitizer does not know the filter (or padding) option: check every
-      # kernel, without padding
-      run_part "$name" "${T_SAN:-75}" "$log" env "${alloc[@]}" compute-sanitizer \
-        --tool "$tool" --error-exitcode 99 "$PY" scripts/sanitizer_cases.py
-    fi
-    summ=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$log" | tail -1)
-    done_ok=$(grep -c "sanitizer_cases: done" "$log")
-    where=""
-    if grep -qE "ERROR SUMMARY: [1-9]" "$log"; then
-      "$PY" scripts/sanitizer_cases.py --map "$log" >"$log.map" 2>&1
-      where=$(tail -1 "$log.map")
-    fi
-    note "$name" "rc=$LAST_RC" "$LAST_DT" \
-      "${summ:-no summary} (script done: $done_ok)${where:+; $where, see $log.map}"
+    sanitize_run "$run" ""
   done
 fi
 

@@ -8,6 +8,8 @@
 
 #include <cstdint>
 
+#include "workspace.h"
+
 namespace jpa {
 
 constexpr int64_t kGpuMaxRows = (int64_t(1) << 31) - 1;     // num_tokens * num_q_heads
@@ -16,7 +18,7 @@ constexpr int64_t kGpuMaxBatch = 65535;                     // grid.y: one row p
 // seq_len <= max_pages_per_req * page_size, so that capacity is what is bounded.
 constexpr int64_t kGpuMaxKeys = (int64_t(1) << 31) - (int64_t(1) << 16);
 // grid.z = row blocks of the longest request: max_q_len * group rows in the tiles' blocks
-// (ws::kBlockRows: 16 or 64 rows for short requests, else 128; 64 at head_dim 256).
+// (ws::block_rows_for: 16 or 64 rows for short requests, else 128; 64 at head_dim 256).
 constexpr int64_t kGpuMaxRowBlocks = 65535;
 
 // Why a call with these shapes cannot run on the CUDA kernels, or nullptr if it can.
@@ -34,7 +36,8 @@ inline const char* gpu_shape_limit(int64_t num_tokens, int64_t num_q_heads, int6
     return "the block table's capacity (max_pages_per_req * page_size) must be at most "
            "2**31 - 2**16 keys";
   const int64_t rows = max_q_len * group;  // both below 2**31: no int64 overflow
-  const int64_t bm = rows <= 16 ? 16 : rows <= 64 || head_dim == 256 ? 64 : 128;
+  int64_t bm = ws::block_rows_for(rows);
+  if (head_dim == 256 && bm > 64) bm = 64;
   if ((rows + bm - 1) / bm > kGpuMaxRowBlocks)
     return "max_q_len * (num_q_heads / num_kv_heads) must be at most 65535 row blocks (of "
            "128 rows; 64 at head_dim 256)";

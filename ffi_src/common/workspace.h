@@ -39,6 +39,14 @@ constexpr int64_t kBlockRows[3] = {16, 64, 128};
 
 JPA_HD int64_t align_up(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
 
+// Rows per CTA of the tile shape for requests of up to `rows` packed rows (the launcher's
+// shape choice; head_dim 256 then halves the 128).
+inline int64_t block_rows_for(int64_t rows) {
+  for (int64_t r : kBlockRows)
+    if (rows <= r) return r;
+  return kBlockRows[2];
+}
+
 JPA_HD int64_t meta_bytes(int64_t batch) {
   return align_up((batch > 0 ? batch : 1) * int64_t(sizeof(ReqMeta)), kWsAlign);
 }
@@ -55,13 +63,7 @@ inline int64_t splits_upper_bound(int64_t num_q_heads, int64_t num_kv_heads, int
                                   int64_t max_q_len) {
   if (batch <= 0 || num_q_heads <= 0 || num_kv_heads <= 0) return 1;
   const int64_t rows = max_q_len * (num_q_heads / num_kv_heads);
-  int64_t bm = kBlockRows[2];
-  for (int64_t r : kBlockRows) {
-    if (rows <= r) {
-      bm = r;
-      break;
-    }
-  }
+  const int64_t bm = block_rows_for(rows);
   const int64_t base = batch * num_kv_heads * ((rows + bm - 1) / bm);
   if (base <= 0 || base >= kMaxTargetCtas) return 1;
   int64_t splits = (kMaxTargetCtas + base - 1) / base;
