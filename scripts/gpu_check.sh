@@ -11,8 +11,11 @@
 #                                             # sanitizers with the sm80 family forced
 #                                             # (JPA_CUDA_FAMILY=sm80; sm90 is the default there)
 #   scripts/gpu_check.sh build tests          # only some parts (build is implied if needed)
+#   scripts/gpu_check.sh prefill generate     # the full prefill and generation benchmarks
+#                                             # (not in the default list: minutes each)
 #
-# Per-part time limits (seconds) can be set with T_BUILD, T_TESTS, T_LARGE, T_FUZZ, T_CPU, T_SAN, T_BENCH.
+# Per-part time limits (seconds) can be set with T_BUILD, T_TESTS, T_LARGE, T_FUZZ, T_CPU, T_SAN, T_BENCH,
+# T_PREFILL, T_GENERATE.
 # Extra pytest arguments for the GPU suite: PYTEST_GPU_ARGS (e.g. "-k decode").
 set -u
 cd "$(dirname "$0")/.."
@@ -223,6 +226,21 @@ fi
 if has bench; then
   run_part bench "${T_BENCH:-90}" "$OUT/bench.log" "$PY" scripts/bench_gpu.py
   note bench "rc=$LAST_RC" "$LAST_DT" "$(grep -E '^decode +B=32 L=4096 +jpa|^prefill +B=4' "$OUT/bench.log" | tr -s ' ' | head -2 | paste -sd';')"
+fi
+
+# ---------------------------------------------------------------------------- full benchmarks
+# benchmarks/bench_prefill.py (every point; PREFILL_ARGS adds e.g. "--impls ours,cudnn" or
+# "--only 1x8192") and benchmarks/bench_generate.py (GENERATE_ARGS), outputs under $OUT/prefill
+# and $OUT/generate.
+if has prefill; then
+  run_part prefill "${T_PREFILL:-300}" "$OUT/bench_prefill.log" "$PY" benchmarks/bench_prefill.py \
+    --out "$OUT/prefill" ${PREFILL_ARGS:-}
+  note prefill "rc=$LAST_RC" "$LAST_DT" "$(grep -cE ' ok$' "$OUT/prefill/prefill.md" 2>/dev/null) rows ok"
+fi
+if has generate; then
+  run_part generate "${T_GENERATE:-300}" "$OUT/bench_generate.log" "$PY" \
+    benchmarks/bench_generate.py --out "$OUT/generate" ${GENERATE_ARGS:-}
+  note generate "rc=$LAST_RC" "$LAST_DT" "$(grep -iE 'tokens/s|ratio' "$OUT/bench_generate.log" | tail -2 | paste -sd';')"
 fi
 
 # ---------------------------------------------------------------------------- CPU suite (collect)
