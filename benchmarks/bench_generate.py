@@ -45,6 +45,8 @@ def make_requests(rng, n, prompt, output, vocab):
 def warm_up(eng, prompt, vocab):
     """Compiles everything the timed run uses (the dense baseline compiles one prefill per
     power-of-two bucket) on the same engine, then clears its records."""
+    if hasattr(eng, "compile_buckets"):
+        eng.compile_buckets()
     lengths, n = [], 16
     while n // 2 < prompt[1]:
         lengths.append(max(prompt[0], min(n, prompt[1])))
@@ -97,7 +99,7 @@ def attention_share(params, cfg, eng_args, batch, ctx, reps):
     caches = [eng.k_cache, eng.v_cache]      # donated to each step, so carried along
 
     def one_step():
-        sampled, caches[0], caches[1] = eng._step(params, caches[0], caches[1], tokens,
+        sampled, caches[0], caches[1] = eng._step(eng.params, caches[0], caches[1], tokens,
                                                   jnp.asarray(table), start, one)
         return sampled
 

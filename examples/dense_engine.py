@@ -1,9 +1,16 @@
 """The baseline the paged engine is measured against: the same model (llama.py, same weights)
 served the way JAX GPU code does it without paging. Each batch slot owns a dense KV cache
-padded to the longest sequence, `[layers, slots, max_len, Hkv, D]`; a new request is
-prefilled alone (its prompt padded to a power-of-two bucket, one compilation per bucket),
-then every step decodes one token for all slots with `jax.nn.dot_product_attention` over
-the padded cache (cuDNN where it applies), lengths given as `key_value_seq_lengths`.
+padded to the longest sequence, one `[slots, max_len, Hkv, D]` array per layer; a new
+request is prefilled alone (its prompt padded to a power-of-two bucket, one compilation per
+bucket), then every step decodes one token for all slots with `jax.nn.dot_product_attention`
+over the padded cache (cuDNN where it applies), lengths given as `key_value_seq_lengths`.
+
+The decode step runs its layers unrolled over separate weight and cache arrays, as the paged
+engine does (llama.split_layers says why). A `lax.scan` carrying the stacked cache also
+makes XLA pick the layout cuDNN wants for the whole carried stack and transpose all of it
+(18 GB at Llama-3-8B shapes, 64 slots of 4608) around the loop: out of memory on an H200.
+The prefill keeps the scan over stacked weights: it is compute-bound, and one compilation of
+a scanned layer per bucket keeps its warm-up short.
 """
 
 from __future__ import annotations
@@ -47,30 +54,26 @@ def prefill(params, cfg, tokens, length, implementation=None):
     return (x @ params["lm_head"]).astype(jnp.float32), ks, vs
 
 
-def decode(params, cfg, tokens, positions, k_cache, v_cache, implementation=None):
-    """One token per slot: tokens/positions [B]; caches [layers, B, max_len, Hkv, D]
-    (updated at `positions`). Returns (logits [B, V], k_cache, v_cache)."""
+def decode(params, cfg, tokens, positions, k_caches, v_caches, implementation=None):
+    """One token per slot: tokens/positions [B]; `params` as llama.split_layers makes them;
+    caches: one [B, max_len, Hkv, D] array per layer (updated at `positions`). Returns
+    (logits [B, V], k_caches, v_caches)."""
     b = tokens.shape[0]
     x = params["embed"][tokens]
     rows = jnp.arange(b)
-
-    def layer(carry, xs):
-        x, kc, vc = carry
-        i, lw = xs
+    k_out, v_out = [], []
+    for lw, kc, vc in zip(params["layers"], k_caches, v_caches):
         h = llama.rms_norm(x, lw["attn_norm"], cfg.eps)
         qkv = llama._rotated_qkv(cfg, h, lw["wqkv"], positions).reshape(b, -1, cfg.head_dim)
         q = qkv[:, :cfg.heads]
-        kc = kc.at[i, rows, positions].set(qkv[:, cfg.heads:cfg.heads + cfg.kv_heads])
-        vc = vc.at[i, rows, positions].set(qkv[:, cfg.heads + cfg.kv_heads:])
-        att = _attention(q[:, None], kc[i], vc[i], positions + 1, False, implementation)
-        x = x + att.reshape(b, -1) @ lw["wo"]
-        return (llama._mlp(cfg, x, lw), kc, vc), None
-
-    layers = {n: params[n] for n in llama._LAYER_KEYS}
-    (x, k_cache, v_cache), _ = jax.lax.scan(
-        layer, (x, k_cache, v_cache), (jnp.arange(cfg.layers, dtype=jnp.int32), layers))
+        kc = kc.at[rows, positions].set(qkv[:, cfg.heads:cfg.heads + cfg.kv_heads])
+        vc = vc.at[rows, positions].set(qkv[:, cfg.heads + cfg.kv_heads:])
+        att = _attention(q[:, None], kc, vc, positions + 1, False, implementation)
+        x = llama._mlp(cfg, x + att.reshape(b, -1) @ lw["wo"], lw)
+        k_out.append(kc)
+        v_out.append(vc)
     logits = llama.rms_norm(x, params["final_norm"], cfg.eps) @ params["lm_head"]
-    return logits.astype(jnp.float32), k_cache, v_cache
+    return logits.astype(jnp.float32), tuple(k_out), tuple(v_out)
 
 
 class DenseEngine:
@@ -78,9 +81,11 @@ class DenseEngine:
 
     def __init__(self, params, cfg, *, slots: int, max_seq_len: int, implementation=None):
         self.params, self.cfg, self.slots, self.max_len = params, cfg, slots, max_seq_len
-        shape = (cfg.layers, slots, max_seq_len, cfg.kv_heads, cfg.head_dim)
+        self.split = llama.split_layers(params)
+        shape = (slots, max_seq_len, cfg.kv_heads, cfg.head_dim)
         dt = jnp.dtype(cfg.dtype)
-        self.k_cache, self.v_cache = jnp.zeros(shape, dt), jnp.zeros(shape, dt)
+        self.k_cache = tuple(jnp.zeros(shape, dt) for _ in range(cfg.layers))
+        self.v_cache = tuple(jnp.zeros(shape, dt) for _ in range(cfg.layers))
         self.slot_req = [None] * slots
         self.waiting, self.finished = [], []
         self.steps = 0
@@ -91,9 +96,11 @@ class DenseEngine:
         self._decode = jax.jit(lambda p, tokens, pos, kc, vc: decode(
             p, cfg, tokens, pos, kc, vc, implementation=implementation),
             donate_argnums=(3, 4))
+        # a prefilled request's K, V [layers, S, Hkv, D] into slot s of each layer's cache
         self._store = jax.jit(lambda kc, vc, k, v, s: (
-            jax.lax.dynamic_update_index_in_dim(kc, k, s, 1),
-            jax.lax.dynamic_update_index_in_dim(vc, v, s, 1)), donate_argnums=(0, 1))
+            tuple(jax.lax.dynamic_update_index_in_dim(c, k[i], s, 0) for i, c in enumerate(kc)),
+            tuple(jax.lax.dynamic_update_index_in_dim(c, v[i], s, 0) for i, c in enumerate(vc))),
+            donate_argnums=(0, 1))
 
     def submit(self, req):
         self.waiting.append(req)
@@ -114,8 +121,7 @@ class DenseEngine:
                 logits, k, v = self._prefill(self.params, jnp.asarray(toks), jnp.int32(n))
                 pad = ((0, 0), (0, self.max_len - bucket), (0, 0), (0, 0))
                 self.k_cache, self.v_cache = self._store(
-                    self.k_cache, self.v_cache, jnp.pad(k, pad)[:, None],
-                    jnp.pad(v, pad)[:, None], s)
+                    self.k_cache, self.v_cache, jnp.pad(k, pad), jnp.pad(v, pad), s)
                 req.cached = n
                 req.output.append(int(jnp.argmax(logits)))
                 req.token_times.append(time.perf_counter())
@@ -129,7 +135,7 @@ class DenseEngine:
             for s in live:
                 tokens[s], pos[s] = self.slot_req[s].output[-1], self.slot_req[s].cached
             logits, self.k_cache, self.v_cache = self._decode(
-                self.params, jnp.asarray(tokens), jnp.asarray(pos), self.k_cache, self.v_cache)
+                self.split, jnp.asarray(tokens), jnp.asarray(pos), self.k_cache, self.v_cache)
             nxt = np.asarray(jnp.argmax(logits, axis=-1))
             stamp = time.perf_counter()
             for s in live:

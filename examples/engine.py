@@ -48,12 +48,19 @@ class Engine:
                  cache_fill: float = 0.0, mesh=None):
         """`mesh`: run tensor-parallel over its axis "tp" (llama.paged_forward): the weights
         are placed with llama.shard_params and the caches split on their KV-head axis."""
-        if mesh is not None:
-            params = llama.shard_params(params, cfg, mesh)
+        # Layers unrolled over separate weight arrays on one device (llama.split_layers);
+        # stacked and scanned under tensor parallelism.
+        params = (llama.split_layers(params) if mesh is None
+                  else llama.shard_params(params, cfg, mesh))
         self.params, self.cfg = params, cfg
         self.page_size, self.max_batch, self.budget, self.chunk = (page_size, max_batch,
                                                                    token_budget, chunk)
         self.max_pages = -(-max_seq_len // page_size)
+        # A step's token axis is padded to the smallest of these lengths that holds its
+        # tokens (one compilation each): a decode-only step must not run the model over a
+        # whole prefill budget of padding.
+        self.buckets = sorted({min(token_budget, max_batch),
+                               min(token_budget, chunk + max_batch), token_budget})
         self.alloc = PageAllocator(num_pages, page_size)
         dt = jnp.dtype(cfg.dtype)
         shape = (cfg.layers, num_pages, page_size, cfg.kv_heads, cfg.head_dim)
@@ -74,11 +81,11 @@ class Engine:
     @staticmethod
     def _device_step(cfg, page_size, max_q_len, mesh, params, k_cache, v_cache, tokens,
                      block_tables, start, num_new):
-        logits, k_cache, v_cache = llama.paged_forward(
-            params, cfg, tokens, k_cache, v_cache, block_tables, start, num_new,
-            page_size=page_size, max_q_len=max_q_len, mesh=mesh)
         last = jnp.clip(jnp.cumsum(num_new) - 1, 0, tokens.shape[0] - 1)   # each request's
-        return jnp.argmax(logits[last], axis=-1).astype(jnp.int32), k_cache, v_cache
+        logits, k_cache, v_cache = llama.paged_forward(                  # last new token
+            params, cfg, tokens, k_cache, v_cache, block_tables, start, num_new,
+            page_size=page_size, max_q_len=max_q_len, mesh=mesh, logit_rows=last)
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32), k_cache, v_cache
 
     def submit(self, req: Request):
         if len(req.prompt) + req.max_new > self.max_pages * self.page_size:
@@ -117,7 +124,8 @@ class Engine:
         plan = self._schedule()
         if not plan:
             return 0
-        B, T = self.max_batch, self.budget
+        B = self.max_batch
+        T = next(n for n in self.buckets if n >= sum(len(new) for _, new in plan))
         tokens = np.zeros(T, np.int32)
         start = np.zeros(B, np.int32)
         num_new = np.zeros(B, np.int32)
@@ -144,6 +152,17 @@ class Engine:
             self.finished.append(req)
         self.steps += 1
         return t
+
+    def compile_buckets(self):
+        """Compiles the step for every token bucket (a step with no tokens: nothing is
+        written or read), so timed runs exclude compilation."""
+        table = jnp.zeros((self.max_batch, self.max_pages), jnp.int32)
+        zeros = jnp.zeros((self.max_batch,), jnp.int32)
+        for n in self.buckets:
+            _, self.k_cache, self.v_cache = self._step(
+                self.params, self.k_cache, self.v_cache, jnp.zeros((n,), jnp.int32), table,
+                zeros, zeros)
+        jax.block_until_ready(self.k_cache)
 
     def idle(self) -> bool:
         return not self.running and not self.waiting

@@ -132,16 +132,35 @@ def _mlp(cfg, x, lw, reduce=lambda y: y):
 _LAYER_KEYS = ("attn_norm", "wqkv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
 
 
+def split_layers(params: dict) -> dict:
+    """`params` with the stacked layer weights [L, ...] replaced by "layers", a tuple of one
+    dict of separate arrays per layer. `paged_forward` then runs the layers as a Python loop
+    over those arrays: inside a `lax.scan` over stacked weights XLA's GPU backend copies each
+    layer's slice out of the stack before its GEMMs (a dynamic slice cannot be a cuBLAS
+    operand), about twice the weights' bytes more traffic per step, which a decode step,
+    bound by reading the weights, pays in full. (Compilation is longer: one body per layer.)
+    Call it once, outside jit; the stacked arrays can then be freed."""
+    out = {name: x for name, x in params.items() if name not in _LAYER_KEYS}
+    out["layers"] = tuple({name: params[name][i] for name in _LAYER_KEYS}
+                          for i in range(params[_LAYER_KEYS[0]].shape[0]))
+    return out
+
+
 def paged_forward(params, cfg: Config, tokens, k_cache, v_cache, block_tables, start,
-                  num_new, *, page_size: int, max_q_len: int, mesh=None):
+                  num_new, *, page_size: int, max_q_len: int, mesh=None, logit_rows=None):
     """One serving step. `tokens` [T] are the new tokens of the batch packed in request order
     (request b brings num_new[b] of them after start[b] cached ones; the rest is padding);
-    the caches are stacked [L, P, page, Hkv, D]. Returns (logits [T, V], k_cache, v_cache).
+    the caches are stacked [L, P, page, Hkv, D]. Returns (logits [T, V], k_cache, v_cache);
+    with `logit_rows` (int [R], token indices) only those rows' logits [R, V] (a step samples
+    one token per request: the LM head over every prefill token would cost more than a
+    decode step's attention).
 
-    With `mesh` (an axis "tp"), the layers run tensor-parallel: `params` and the caches as
-    `shard_params` / `cache_sharding` place them, each device attends over its own heads'
-    pages and computes its share of the MLP, and one all-reduce per block sums the
-    row-parallel projections (Megatron)."""
+    `params` as `init_params` makes them (layers scanned) or as `split_layers` (layers
+    unrolled over separate arrays, the faster form on a GPU). With `mesh` (an axis "tp"),
+    the layers run tensor-parallel: `params` and the caches as `shard_params` /
+    `cache_sharding` place them, each device attends over its own heads' pages and computes
+    its share of the MLP, and one all-reduce per block sums the row-parallel projections
+    (Megatron)."""
     meta = step_metadata(block_tables, start, num_new, num_tokens=tokens.shape[0],
                          page_size=page_size)
     x = params["embed"][tokens]
@@ -152,33 +171,43 @@ def paged_forward(params, cfg: Config, tokens, k_cache, v_cache, block_tables, s
     def reduce(y):
         return y if mesh is None else jax.lax.psum(y, "tp")
 
-    def layers_scan(x, k_cache, v_cache, lws, positions, slot_mapping, seq_lens, cu):
-        def layer(carry, xs):
-            x, kc, vc = carry
-            i, lw = xs
-            h = rms_norm(x, lw["attn_norm"], local.eps)
-            q, k, v = jpa.split_qkv(_rotated_qkv(local, h, lw["wqkv"], positions),
-                                    local.heads, local.kv_heads)
-            kc, vc = jpa.append_kv(kc, vc, k, v, slot_mapping, layer=i)
-            att = jpa.paged_prefill(q, kc, vc, block_tables, seq_lens, cu,
-                                    max_q_len=max_q_len, layer=i)
-            x = x + reduce(att.reshape(x.shape[0], -1) @ lw["wo"])
-            return (_mlp(local, x, lw, reduce), kc, vc), None
+    def layer(x, kc, vc, i, lw, positions, slot_mapping, seq_lens, cu):
+        h = rms_norm(x, lw["attn_norm"], local.eps)
+        q, k, v = jpa.split_qkv(_rotated_qkv(local, h, lw["wqkv"], positions),
+                                local.heads, local.kv_heads)
+        kc, vc = jpa.append_kv(kc, vc, k, v, slot_mapping, layer=i)
+        att = jpa.paged_prefill(q, kc, vc, block_tables, seq_lens, cu,
+                                max_q_len=max_q_len, layer=i)
+        x = x + reduce(att.reshape(x.shape[0], -1) @ lw["wo"])
+        return _mlp(local, x, lw, reduce), kc, vc
 
-        return jax.lax.scan(layer, (x, k_cache, v_cache),
+    def layers_scan(x, k_cache, v_cache, lws, *step):
+        def body(carry, xs):
+            return layer(*carry, *xs, *step), None
+
+        return jax.lax.scan(body, (x, k_cache, v_cache),
                             (jnp.arange(cfg.layers, dtype=jnp.int32), lws))[0]
 
-    lws = {name: params[name] for name in _LAYER_KEYS}
-    args = (x, k_cache, v_cache, lws, meta.positions, meta.slot_mapping, meta.seq_lens,
-            meta.cu_seqlens_q)
-    if mesh is None:
-        x, k_cache, v_cache = layers_scan(*args)
+    step = (meta.positions, meta.slot_mapping, meta.seq_lens, meta.cu_seqlens_q)
+    if "layers" in params:
+        if mesh is not None:
+            raise ValueError("paged_forward: tensor parallelism takes stacked layer weights "
+                             "(init_params / shard_params), not split_layers")
+        for i, lw in enumerate(params["layers"]):
+            x, k_cache, v_cache = layer(x, k_cache, v_cache, i, lw, *step)
     else:
-        rep, cache = P(), _CACHE_SPEC
-        x, k_cache, v_cache = jax.shard_map(
-            layers_scan, mesh=mesh,
-            in_specs=(rep, cache, cache, dict(_LAYER_SPECS), rep, rep, rep, rep),
-            out_specs=(rep, cache, cache))(*args)
+        lws = {name: params[name] for name in _LAYER_KEYS}
+        args = (x, k_cache, v_cache, lws, *step)
+        if mesh is None:
+            x, k_cache, v_cache = layers_scan(*args)
+        else:
+            rep, cache = P(), _CACHE_SPEC
+            x, k_cache, v_cache = jax.shard_map(
+                layers_scan, mesh=mesh,
+                in_specs=(rep, cache, cache, dict(_LAYER_SPECS), rep, rep, rep, rep),
+                out_specs=(rep, cache, cache))(*args)
+    if logit_rows is not None:
+        x = x[logit_rows]
     logits = rms_norm(x, params["final_norm"], cfg.eps) @ params["lm_head"]
     return logits.astype(jnp.float32), k_cache, v_cache
 
