@@ -459,7 +459,8 @@ def main(argv=None):
                    help="skip the float32 reference used to check ours")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", default="",
-                   help="comma-separated substrings: run only the points whose name has one")
+                   help="comma-separated substrings: run only the points whose name has one "
+                        "(=NAME: exactly that point)")
     args = p.parse_args(argv)
     impls = expand_impls(C.parse_impls(args.impls, IMPLS))
     outdir = C.out_dir(args.out)
@@ -486,7 +487,8 @@ def main(argv=None):
 
     only = [w for w in args.only.split(",") if w]
     chosen = [pt for pt in points(args.quick, args.cpu_smoke)
-              if not only or any(w in pt.name for w in only)]
+              if not only or any(w[1:] == pt.name if w.startswith("=") else w in pt.name
+                                 for w in only)]
     rows = C.run_points(
         chosen, t_start=t_start, budget_s=args.budget_s,
         run_one=lambda i, pt: run_point(pt, impls, timer, args.seed + i,

@@ -13,9 +13,10 @@
 #   scripts/gpu_check.sh build tests          # only some parts (build is implied if needed)
 #   scripts/gpu_check.sh prefill generate     # the full prefill and generation benchmarks
 #                                             # (not in the default list: minutes each)
+#   scripts/gpu_check.sh profile              # ncu on our prefill kernel and cuDNN's
 #
 # Per-part time limits (seconds) can be set with T_BUILD, T_TESTS, T_LARGE, T_FUZZ, T_CPU, T_SAN, T_BENCH,
-# T_PREFILL, T_GENERATE.
+# T_PREFILL, T_GENERATE, T_PROFILE.
 # Extra pytest arguments for the GPU suite: PYTEST_GPU_ARGS (e.g. "-k decode").
 set -u
 cd "$(dirname "$0")/.."
@@ -241,6 +242,23 @@ if has generate; then
   run_part generate "${T_GENERATE:-300}" "$OUT/bench_generate.log" "$PY" \
     benchmarks/bench_generate.py --out "$OUT/generate" ${GENERATE_ARGS:-}
   note generate "rc=$LAST_RC" "$LAST_DT" "$(grep -iE 'tokens/s|ratio' "$OUT/bench_generate.log" | tail -2 | paste -sd';')"
+fi
+
+# ---------------------------------------------------------------------------- profile
+# Nsight Compute on one launch of our prefill kernel and of cuDNN's at one benchmark point
+# (PROFILE_POINT, default 1x8192): speed of light, tensor pipe use, warp stall reasons and
+# their SASS lines. Clocks left alone (--clock-control none: the device notes say so).
+if has profile; then
+  for who in "ours prefill_wgmma" "cudnn sdpa"; do
+    set -- $who
+    run_part "ncu-$1" "${T_PROFILE:-150}" "$OUT/ncu_$1.log" ncu --clock-control none \
+      -k "regex:$2" --launch-skip 3 --launch-count 1 --section SpeedOfLight \
+      --section ComputeWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
+      --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+      --section SourceCounters "$PY" benchmarks/bench_prefill.py --impls "$1" --reps 3 \
+      --no-ref-check --only "=${PROFILE_POINT:-1x8192}" --out "$OUT/ncu_$1"
+    note "ncu-$1" "rc=$LAST_RC" "$LAST_DT" "$(grep -m1 -E 'Compute \(SM\) Throughput' "$OUT/ncu_$1.log" | tr -s ' ')"
+  done
 fi
 
 # ---------------------------------------------------------------------------- CPU suite (collect)
