@@ -662,11 +662,12 @@ def test_ragged_append_interleaved_bitwise():
 
 
 @on_shard(4)
-@pytest.mark.parametrize("family", ["sm80", "sm90"])
-def test_family_switch_runs_that_familys_kernel(family, monkeypatch):
+@pytest.mark.parametrize("family,kv", [("sm80", "bf16"), ("sm90", "bf16"), ("sm80", "fp8"),
+                                       ("sm90", "fp8")])
+def test_family_switch_runs_that_familys_kernel(family, kv, monkeypatch):
     """JPA_CUDA_FAMILY picks the prefill kernel family (read when the call is lowered, so
     the jit below is a fresh one): the profile names the family's kernel, and both match the
-    reference."""
+    reference, with bf16 pages and with fp8 pages (widened to f16 by the sm90 loader)."""
     profiler = pytest.importorskip("jax.experimental.mosaic.gpu.profiler")
     if family == "sm90":
         if "sm90" not in jpa._registry.cuda_kernel_families():
@@ -675,7 +676,7 @@ def test_family_switch_runs_that_familys_kernel(family, monkeypatch):
             pytest.skip("the sm90 family needs compute capability 9.0")
     monkeypatch.setenv("JPA_CUDA_FAMILY", family)
     case = cases.AttnCase(kind="prefill", batch=3, num_kv_heads=2, group=4, head_dim=128,
-                          page_size=16, q_dtype="bf16", kv_dtype="bf16", max_kv_len=300,
+                          page_size=16, q_dtype="bf16", kv_dtype=kv, max_kv_len=300,
                           seed=4242)
     inputs = cases.make_inputs(case)
     args = [_on_gpu(a) for a in inputs.args]

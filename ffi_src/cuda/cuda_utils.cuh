@@ -1,6 +1,6 @@
 // Small CUDA building blocks shared by the kernels of this directory: error checking, cached
-// device properties, 16-bit element types, and thin inline-PTX wrappers (cp.async, ldmatrix,
-// mma.sync m16n8k16). Knows no XLA type.
+// device properties, 16-bit element types, fp8 -> f16 conversion, and thin inline-PTX
+// wrappers (cp.async, shared loads / stores, ldmatrix, mma.sync m16n8k16). Knows no XLA type.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -98,6 +98,49 @@ __device__ __forceinline__ void cp_async_commit() {
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// 16-byte shared memory load / store at a shared-window address (fp8 staging, sm90).
+__device__ __forceinline__ uint4 ld_shared_16(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(addr)
+               : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void st_shared_16(uint32_t addr, uint4 v) {
+  asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y),
+               "r"(v.z), "r"(v.w)
+               : "memory");
+}
+
+// Two fp8 e4m3 values (low byte first) -> packed f16x2, exact for every finite value.
+__device__ __forceinline__ uint32_t fp8x2_to_f16x2(uint32_t two) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  uint32_t out;
+  uint16_t in = static_cast<uint16_t>(two & 0xffffu);
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(out) : "h"(in));
+  return out;
+#else
+  // Place sign/exponent/mantissa bits into f16 (value scaled by 2^-8), then multiply by 2^8.
+  uint32_t lo = ((two & 0x7fu) << 7) | ((two & 0x80u) << 8);
+  uint32_t hi = ((two & 0x7f00u) << 15) | ((two & 0x8000u) << 16);
+  uint32_t placed = lo | hi;
+  __half2 h = *reinterpret_cast<__half2*>(&placed);
+  h = __hmul2(h, __float2half2_rn(256.0f));
+  return *reinterpret_cast<uint32_t*>(&h);
+#endif
+}
+
+// Sixteen fp8 e4m3 values (one 16-byte chunk, element 0 in the low byte of x) -> sixteen
+// f16 as two 16-byte chunks: lo holds elements 0-7, hi elements 8-15.
+__device__ __forceinline__ void fp8x16_to_f16x16(uint4 x, uint4& lo, uint4& hi) {
+  lo = make_uint4(fp8x2_to_f16x2(x.x), fp8x2_to_f16x2(x.x >> 16), fp8x2_to_f16x2(x.y),
+                  fp8x2_to_f16x2(x.y >> 16));
+  hi = make_uint4(fp8x2_to_f16x2(x.z), fp8x2_to_f16x2(x.z >> 16), fp8x2_to_f16x2(x.w),
+                  fp8x2_to_f16x2(x.w >> 16));
 }
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {

@@ -39,14 +39,19 @@ cudaError_t attn_tiles_d256(const AttnLaunch* L, int shape, DType page_dtype, Ti
                             dim3 grid, cudaStream_t stream);
 
 // sm90 family (sm90/: wgmma, compiled for sm_90a only, present when JPA_WITH_SM90): prefill
-// of bf16 / f16 pages, one entry point per head_dim, 128 packed rows per CTA. Same contract
-// as the sm80 entries (`L == nullptr`: fill `info` only).
+// of bf16 / f16 pages, and of fp8 pages where sm90_takes_fp8 says so, one entry point per
+// head_dim, 128 packed rows per CTA. Same contract as the sm80 entries (`L == nullptr`: fill
+// `info` only).
 cudaError_t sm90_prefill_d64(const AttnLaunch* L, DType page_dtype, TileInfo* info, dim3 grid,
                              cudaStream_t stream);
 cudaError_t sm90_prefill_d128(const AttnLaunch* L, DType page_dtype, TileInfo* info, dim3 grid,
                               cudaStream_t stream);
 cudaError_t sm90_prefill_d256(const AttnLaunch* L, DType page_dtype, TileInfo* info, dim3 grid,
                               cudaStream_t stream);
+
+// Head dims whose sm90 entry takes fp8 e4m3 pages (widened to f16 by its load warpgroup);
+// at 256 the fp8 staging ring does not fit in shared memory beside two stages.
+constexpr bool sm90_takes_fp8(int head_dim) { return head_dim == 64 || head_dim == 128; }
 
 }  // namespace cuda
 }  // namespace jpa

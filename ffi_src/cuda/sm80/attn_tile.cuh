@@ -90,24 +90,6 @@ __device__ __forceinline__ uint32_t swz(int row, int chunk) {
   return swz_row<D * 2>(row, chunk);
 }
 
-// Two fp8 e4m3 values (low byte first) -> packed f16x2, exact for every finite value.
-__device__ __forceinline__ uint32_t fp8x2_to_f16x2(uint32_t two) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
-  uint32_t out;
-  uint16_t in = static_cast<uint16_t>(two & 0xffffu);
-  asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(out) : "h"(in));
-  return out;
-#else
-  // Place sign/exponent/mantissa bits into f16 (value scaled by 2^-8), then multiply by 2^8.
-  uint32_t lo = ((two & 0x7fu) << 7) | ((two & 0x80u) << 8);
-  uint32_t hi = ((two & 0x7f00u) << 15) | ((two & 0x8000u) << 16);
-  uint32_t placed = lo | hi;
-  __half2 h = *reinterpret_cast<__half2*>(&placed);
-  h = __hmul2(h, __float2half2_rn(256.0f));
-  return *reinterpret_cast<uint32_t*>(&h);
-#endif
-}
-
 // ---- fp8 fragments ----
 // ldmatrix (b16) over an fp8 tile whose rows are keys hands thread (g = lane / 4, t = lane % 4)
 // bytes 4t..4t+3 of key g's 16-byte chunk, i.e. 4 consecutive head_dim values. For S = Q K^T

@@ -16,7 +16,10 @@
 //   * warpgroup 2 loads: it gathers each tile's K and V rows from their pages with 16-byte
 //     cp.async (any page size: keys are looked up one by one through key_row_elem) into a
 //     kStages-deep ring, gives most of its registers to the MMA warpgroups, and never joins
-//     their math.
+//     their math. fp8 pages: the rows are gathered as they are into a 2-stage staging ring
+//     (one tile ahead), and each load thread widens the chunks it copied to f16 into the
+//     ring (exact for every e4m3 value), so the MMA warpgroups run the f16 kernel unchanged;
+//     the scales stay out of the loop (k_scale in the logit scale, v_scale on the output).
 // The ring runs on mbarriers: full[s] completes when the loads of stage s have landed (and
 // are fenced for the MMA unit), empty[s] when both MMA warpgroups are done reading it. The
 // two MMA warpgroups take turns issuing their S MMAs (named barriers), so one's softmax
@@ -25,8 +28,9 @@
 // Q, K and V tiles are stored in 128-byte-swizzle atoms (hopper.cuh), the layout the MMA
 // reads through descriptors.
 //
-// Scope: prefill (the launcher keeps decode on sm80), 16-bit pages (bf16 / f16; fp8 pages
-// stay on sm80), head_dim 64 / 128 / 256. The prepare kernel has checked every request and
+// Scope: prefill (the launcher keeps decode on sm80), bf16 / f16 pages at head_dim 64 / 128 /
+// 256, fp8 e4m3 pages at head_dim 64 / 128 (at 256 the staging ring does not fit beside two
+// stages; those stay on sm80). The prepare kernel has checked every request and
 // its pages (rule 1-3 of docs/semantics.md) and written the NaN rows of invalid ones and the
 // padding rows. Not yet here: TMA loads and overlapping a warpgroup's own softmax with its
 // next tile's S MMAs.
@@ -34,6 +38,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "../../common/index.h"
 #include "../../common/mask.h"
@@ -49,12 +54,13 @@ namespace jpa {
 namespace cuda {
 namespace sm90 {
 
-template <int D_, int BN_, typename CT_, int Stages_>
+template <int D_, int BN_, typename CT_, int Stages_, bool Fp8_ = false>
 struct PrefillCfg {
   static constexpr int D = D_;
   static constexpr int BN = BN_;
   using CT = CT_;
   static constexpr int kStages = Stages_;
+  static constexpr bool kFp8 = Fp8_;  // fp8 e4m3 pages, widened to CT (f16) by the loader
   static constexpr int kMmaWarpgroups = 2;
   static constexpr int kMmaThreads = 128 * kMmaWarpgroups;
   static constexpr int kThreads = kMmaThreads + 128;  // + the load warpgroup
@@ -69,8 +75,14 @@ struct PrefillCfg {
   static constexpr int kTileBytes = BN * D * 2;    // K (or V) of one stage
   static constexpr int kStageBytes = 2 * kTileBytes;
   static constexpr int kBarBytes = 2 * 8 * kStages;  // full[], empty[]
+  // fp8 pages: the staging ring of raw rows, K then V of a tile, [key][D bytes] each.
+  static constexpr int kRawStages = kFp8 ? 2 : 0;
+  static constexpr int kRawTileBytes = BN * D;
+  static constexpr int kRawStageBytes = 2 * kRawTileBytes;
   // + 1024: the dynamic shared memory base is rounded up to a 1024-byte boundary.
-  static constexpr int kSmemBytes = 1024 + kQBytes + kStages * kStageBytes + kBarBytes;
+  static constexpr int kSmemBytes =
+      1024 + kQBytes + kStages * kStageBytes + kRawStages * kRawStageBytes + kBarBytes;
+  static_assert(!kFp8 || std::is_same<CT, __half>::value, "fp8 pages compute in f16");
 };
 
 // Named barriers (0 is __syncthreads): Q staged (the MMA warpgroups), and each MMA
@@ -137,6 +149,86 @@ __device__ __forceinline__ void load_kv_tiles(const AttnLaunch& L, int b, int kv
   }
 }
 
+// The load warpgroup for fp8 pages. The same gather shape as load_kv_tiles, over 16-byte
+// chunks of fp8 rows (16 elements), into the staging ring at raw_base: tile t + 1 is copied
+// while tile t is widened. Each thread widens exactly the chunks it copied itself, so its own
+// cp.async.wait_group orders them (no barrier among the load threads): 16 fp8 -> two 16-byte
+// f16 chunks at the tile's swizzled positions 2c, 2c + 1, then the fence for the MMA unit and
+// the arrival on full[stage]. A stage is announced as soon as it is written.
+template <class Cfg>
+__device__ __forceinline__ void load_kv_tiles_fp8(const AttnLaunch& L, int b, int kvh,
+                                                  const TileWork& w, int ltid,
+                                                  uint32_t stage_base, uint32_t raw_base,
+                                                  uint32_t full_bar, uint32_t empty_bar) {
+  constexpr int BN = Cfg::BN, D = Cfg::D, C = D / 16;  // fp8 chunks of one row
+  constexpr int KW = BN / 4;                  // keys per warp and tile
+  constexpr int KPP = C >= 32 ? 1 : 32 / C;   // keys per pass
+  constexpr int LPK = C >= 32 ? 32 : C;       // lanes per key in a pass
+  constexpr int CPL = C / LPK;                // chunks per lane and key
+  static_assert(KW <= 32 && KW % KPP == 0 && C % LPK == 0, "loader shape");
+  const AttnParams& p = L.p;
+  const int32_t* bt_row = p.block_tables + int64_t(b) * p.max_pages_per_req;
+  const char* k_src = static_cast<const char*>(p.kv.k);
+  const char* v_src = static_cast<const char*>(p.kv.v);
+  const int lane = ltid % 32, key0 = (ltid / 32) * KW;
+
+  auto copy_raw = [&](int tile) {  // one commit group per call
+    const uint32_t k_raw = raw_base + (tile % 2) * Cfg::kRawStageBytes;
+    const int jl = w.kb + tile * BN + key0 + lane;
+    const int64_t e_mine =
+        lane < KW && jl < w.ke ? key_row_elem(p.kv, bt_row, jl, L.page_shift, kvh) : -1;
+#pragma unroll
+    for (int pass = 0; pass < KW / KPP; ++pass) {
+      const int kl = pass * KPP + lane / LPK;
+      const int64_t e = __shfl_sync(0xffffffffu, e_mine, kl);
+#pragma unroll
+      for (int cc = 0; cc < CPL; ++cc) {
+        const int ch = lane % LPK + cc * LPK;
+        const int64_t byte_off = e >= 0 ? e + ch * 16 : 0;  // one byte per element
+        const uint32_t off = (key0 + kl) * D + ch * 16;
+        cp_async_16(k_raw + off, k_src + byte_off, e >= 0 ? 16 : 0);
+        cp_async_16(k_raw + Cfg::kRawTileBytes + off, v_src + byte_off, e >= 0 ? 16 : 0);
+      }
+    }
+    cp_async_commit();
+  };
+
+  if (w.ntiles > 0) copy_raw(0);
+  for (int tile = 0; tile < w.ntiles; ++tile) {
+    const int stage = tile % Cfg::kStages;
+    // Tile + 1 goes into the staging slot this thread widened last iteration (its loads
+    // of that slot have returned: their values were stored before this point).
+    if (tile + 1 < w.ntiles) {
+      copy_raw(tile + 1);
+    } else {
+      cp_async_commit();  // an empty group keeps wait_group<1> meaning "tile has landed"
+    }
+    if (tile >= Cfg::kStages) mbar_wait(empty_bar + 8 * stage, ((tile / Cfg::kStages) & 1) ^ 1);
+    cp_async_wait<1>();
+    const uint32_t k_raw = raw_base + (tile % 2) * Cfg::kRawStageBytes;
+    const uint32_t k_dst = stage_base + stage * Cfg::kStageBytes;
+#pragma unroll
+    for (int pass = 0; pass < KW / KPP; ++pass) {
+      const int kl = pass * KPP + lane / LPK;
+#pragma unroll
+      for (int cc = 0; cc < CPL; ++cc) {
+        const int ch = lane % LPK + cc * LPK;
+        const uint32_t off = (key0 + kl) * D + ch * 16;
+#pragma unroll
+        for (int kv = 0; kv < 2; ++kv) {
+          uint4 lo, hi;
+          fp8x16_to_f16x16(ld_shared_16(k_raw + kv * Cfg::kRawTileBytes + off), lo, hi);
+          const uint32_t dst = k_dst + kv * Cfg::kTileBytes;
+          st_shared_16(dst + sw128_offset(BN, key0 + kl, 2 * ch), lo);
+          st_shared_16(dst + sw128_offset(BN, key0 + kl, 2 * ch + 1), hi);
+        }
+      }
+    }
+    fence_proxy_async_shared();  // this thread's stores -> visible to the MMA unit
+    mbar_arrive(full_bar + 8 * stage);
+  }
+}
+
 template <class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
     prefill_wgmma_kernel(const __grid_constant__ AttnLaunch L) {
@@ -147,7 +239,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const uint32_t q_base = (raw_addr + 1023u) & ~1023u;
   unsigned char* q_tile = smem_raw + (q_base - raw_addr);
   const uint32_t stage_base = q_base + Cfg::kQBytes;
-  const uint32_t full_bar = stage_base + Cfg::kStages * Cfg::kStageBytes;
+  const uint32_t raw_base = stage_base + Cfg::kStages * Cfg::kStageBytes;  // fp8 staging
+  const uint32_t full_bar = raw_base + Cfg::kRawStages * Cfg::kRawStageBytes;
   const uint32_t empty_bar = full_bar + 8 * Cfg::kStages;
 
   const AttnParams& p = L.p;
@@ -176,7 +269,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 
   if (tid >= NT) {  // ---- the load warpgroup ----
     regs_dealloc<Cfg::kLoadRegs>();
-    load_kv_tiles<Cfg>(L, b, kvh, w, tid - NT, stage_base, full_bar, empty_bar);
+    if constexpr (Cfg::kFp8) {
+      load_kv_tiles_fp8<Cfg>(L, b, kvh, w, tid - NT, stage_base, raw_base, full_bar,
+                             empty_bar);
+    } else {
+      load_kv_tiles<Cfg>(L, b, kvh, w, tid - NT, stage_base, full_bar, empty_bar);
+    }
     return;
   }
   regs_alloc<Cfg::kMmaRegs>();
@@ -372,8 +470,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 template <class Cfg>
 using PrefillRunner = KernelRunner<Cfg, prefill_wgmma_kernel<Cfg>>;
 
-// One head_dim's entry: bf16 or f16 pages (compute dtype = page dtype).
-template <int D, int BN, int Stages>
+// One head_dim's entry: bf16 or f16 pages (compute dtype = page dtype), and fp8 pages
+// (compute dtype f16) with Fp8Stages stages when that is > 0 (sm90_takes_fp8 in
+// tile_families.h must say the same).
+template <int D, int BN, int Stages, int Fp8Stages>
 cudaError_t prefill_dispatch(const AttnLaunch* L, DType page_dtype, TileInfo* info, dim3 grid,
                              cudaStream_t stream) {
   using BF16 = PrefillRunner<PrefillCfg<D, BN, __nv_bfloat16, Stages>>;
@@ -381,6 +481,12 @@ cudaError_t prefill_dispatch(const AttnLaunch* L, DType page_dtype, TileInfo* in
   switch (page_dtype) {
     case DType::kBF16: return info_or_launch<BF16>(L, info, grid, stream);
     case DType::kF16: return info_or_launch<F16>(L, info, grid, stream);
+    case DType::kF8E4M3:
+      if constexpr (Fp8Stages > 0) {
+        using F8 = PrefillRunner<PrefillCfg<D, BN, __half, Fp8Stages, true>>;
+        return info_or_launch<F8>(L, info, grid, stream);
+      }
+      return cudaErrorInvalidValue;
     default: return cudaErrorInvalidValue;
   }
 }
