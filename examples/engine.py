@@ -74,9 +74,13 @@ class Engine:
         self.waiting: list[Request] = []
         self.finished: list[Request] = []
         self.steps = 0
-        self._step = jax.jit(functools.partial(self._device_step, cfg, page_size,
-                                               min(chunk, token_budget), mesh),
+        step = functools.partial(self._device_step, cfg, page_size)
+        self._step = jax.jit(functools.partial(step, min(chunk, token_budget), mesh),
                              donate_argnums=(1, 2))
+        # A step whose requests bring at most one token each (decode only) runs with
+        # max_q_len 1: the kernels then pick their decode tiles, not a prefill tile of
+        # 64-128 rows per request of which G rows are used.
+        self._decode_step = jax.jit(functools.partial(step, 1, mesh), donate_argnums=(1, 2))
 
     @staticmethod
     def _device_step(cfg, page_size, max_q_len, mesh, params, k_cache, v_cache, tokens,
@@ -136,7 +140,8 @@ class Engine:
             start[b], num_new[b], order[b] = req.cached, len(new), req.rid
             t += len(new)
         table = self.alloc.block_tables(order, self.max_pages)
-        sampled, self.k_cache, self.v_cache = self._step(
+        fn = self._decode_step if all(len(new) <= 1 for _, new in plan) else self._step
+        sampled, self.k_cache, self.v_cache = fn(
             self.params, self.k_cache, self.v_cache, jnp.asarray(tokens), jnp.asarray(table),
             jnp.asarray(start), jnp.asarray(num_new))
         sampled = np.asarray(sampled)
@@ -158,8 +163,10 @@ class Engine:
         written or read), so timed runs exclude compilation."""
         table = jnp.zeros((self.max_batch, self.max_pages), jnp.int32)
         zeros = jnp.zeros((self.max_batch,), jnp.int32)
-        for n in self.buckets:
-            _, self.k_cache, self.v_cache = self._step(
+        # decode-only steps hold at most max_batch tokens: the smallest bucket
+        for fn, n in [(self._step, n) for n in self.buckets] + [(self._decode_step,
+                                                                 self.buckets[0])]:
+            _, self.k_cache, self.v_cache = fn(
                 self.params, self.k_cache, self.v_cache, jnp.zeros((n,), jnp.int32), table,
                 zeros, zeros)
         jax.block_until_ready(self.k_cache)

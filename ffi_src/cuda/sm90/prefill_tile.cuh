@@ -90,51 +90,76 @@ struct PrefillCfg {
 constexpr int kBarQReady = 1;
 constexpr int kBarTurn0 = 2;
 
-// The load warpgroup: tiles [0, ntiles) of [kb, ke) into the ring. Warp wp gathers keys
-// [wp * KW, wp * KW + KW) of a tile: lane l < KW looks up key l's row once (key_row_elem:
+// The load warpgroup's gather shape for rows of C 16-byte chunks: warp wp takes keys
+// [wp * KW, wp * KW + KW) of a tile; lane l < KW looks up key l's row once (key_row_elem:
 // the block table, page bounds, 64-bit address math), then the warp copies KPP keys per pass,
 // LPK lanes per key, each lane taking its key's row offset from the looking-up lane by a
-// shuffle (a lookup per copying lane would repeat it D / 8 times). A stage is announced one
-// tile late: after the next tile's copies are issued, this thread waits for its copies of
-// the stage, fences them for the MMA unit (async proxy) and arrives on full[stage].
-template <class Cfg>
-__device__ __forceinline__ void load_kv_tiles(const AttnLaunch& L, int b, int kvh,
-                                              const TileWork& w, int ltid, uint32_t stage_base,
-                                              uint32_t full_bar, uint32_t empty_bar) {
-  constexpr int BN = Cfg::BN, C = Cfg::kChunks;
-  constexpr int KW = BN / 4;                  // keys per warp and tile
-  constexpr int KPP = C >= 32 ? 1 : 32 / C;   // keys per pass
-  constexpr int LPK = C >= 32 ? 32 : C;       // lanes per key in a pass
-  constexpr int CPL = C / LPK;                // chunks per lane and key
+// shuffle (a lookup per copying lane would repeat it C times).
+template <int BN, int C>
+struct KeyGather {
+  static constexpr int KW = BN / 4;                  // keys per warp and tile
+  static constexpr int KPP = C >= 32 ? 1 : 32 / C;   // keys per pass
+  static constexpr int LPK = C >= 32 ? 32 : C;       // lanes per key in a pass
+  static constexpr int CPL = C / LPK;                // chunks per lane and key
   static_assert(KW <= 32 && KW % KPP == 0 && C % LPK == 0, "loader shape");
-  const AttnParams& p = L.p;
-  const int32_t* bt_row = p.block_tables + int64_t(b) * p.max_pages_per_req;
-  const char* k_src = static_cast<const char*>(p.kv.k);
-  const char* v_src = static_cast<const char*>(p.kv.v);
-  const int lane = ltid % 32, key0 = (ltid / 32) * KW;
-  for (int tile = 0; tile < w.ntiles; ++tile) {
-    const int stage = tile % Cfg::kStages;
-    if (tile >= Cfg::kStages) mbar_wait(empty_bar + 8 * stage, ((tile / Cfg::kStages) & 1) ^ 1);
-    const uint32_t k_dst = stage_base + stage * Cfg::kStageBytes;
-    // Keys past ke (the last tile's tail) are zero-filled: their P is 0 and 0 * 0 stays 0.
-    // The prepare kernel checked every page of [kb, ke); an index out of range would be
-    // zero-filled too, never dereferenced.
+
+  // f(key in the tile, chunk, element offset of the key's row or -1) for each chunk this
+  // load thread copies of `tile`. Keys past w.ke (the last tile's tail) get -1, and so does
+  // a page index out of range (the prepare kernel checked every page of [kb, ke)): callers
+  // zero-fill those chunks and never dereference them.
+  template <class F>
+  __device__ __forceinline__ static void rows(const AttnLaunch& L, const int32_t* bt_row,
+                                              int kvh, const TileWork& w, int tile, int ltid,
+                                              F f) {
+    const int lane = ltid % 32, key0 = (ltid / 32) * KW;
     const int jl = w.kb + tile * BN + key0 + lane;
     const int64_t e_mine =
-        lane < KW && jl < w.ke ? key_row_elem(p.kv, bt_row, jl, L.page_shift, kvh) : -1;
+        lane < KW && jl < w.ke ? key_row_elem(L.p.kv, bt_row, jl, L.page_shift, kvh) : -1;
 #pragma unroll
     for (int pass = 0; pass < KW / KPP; ++pass) {
       const int kl = pass * KPP + lane / LPK;  // key of this warp's share
       const int64_t e = __shfl_sync(0xffffffffu, e_mine, kl);
 #pragma unroll
-      for (int cc = 0; cc < CPL; ++cc) {
-        const int ch = lane % LPK + cc * LPK;
-        const int64_t byte_off = e >= 0 ? e * 2 + ch * 16 : 0;
-        const uint32_t off = sw128_offset(BN, key0 + kl, ch);
-        cp_async_16(k_dst + off, k_src + byte_off, e >= 0 ? 16 : 0);
-        cp_async_16(k_dst + Cfg::kTileBytes + off, v_src + byte_off, e >= 0 ? 16 : 0);
-      }
+      for (int cc = 0; cc < CPL; ++cc) f(key0 + kl, lane % LPK + cc * LPK, e);
     }
+  }
+
+  // f(key in the tile, chunk) for the same chunks, with no lookup.
+  template <class F>
+  __device__ __forceinline__ static void chunks(int ltid, F f) {
+    const int lane = ltid % 32, key0 = (ltid / 32) * KW;
+#pragma unroll
+    for (int pass = 0; pass < KW / KPP; ++pass)
+#pragma unroll
+      for (int cc = 0; cc < CPL; ++cc) f(key0 + pass * KPP + lane / LPK, lane % LPK + cc * LPK);
+  }
+};
+
+// The load warpgroup: tiles [0, ntiles) of [kb, ke) into the ring, 16-byte cp.async per
+// chunk (KeyGather), zero-filled where a key has no row (its P is then 0, and 0 * 0 stays 0).
+// A stage is announced one tile late: after the next tile's copies are issued, this thread
+// waits for its copies of the stage, fences them for the MMA unit (async proxy) and arrives
+// on full[stage].
+template <class Cfg>
+__device__ __forceinline__ void load_kv_tiles(const AttnLaunch& L, int b, int kvh,
+                                              const TileWork& w, int ltid, uint32_t stage_base,
+                                              uint32_t full_bar, uint32_t empty_bar) {
+  constexpr int BN = Cfg::BN;
+  const AttnParams& p = L.p;
+  const int32_t* bt_row = p.block_tables + int64_t(b) * p.max_pages_per_req;
+  const char* k_src = static_cast<const char*>(p.kv.k);
+  const char* v_src = static_cast<const char*>(p.kv.v);
+  for (int tile = 0; tile < w.ntiles; ++tile) {
+    const int stage = tile % Cfg::kStages;
+    if (tile >= Cfg::kStages) mbar_wait(empty_bar + 8 * stage, ((tile / Cfg::kStages) & 1) ^ 1);
+    const uint32_t k_dst = stage_base + stage * Cfg::kStageBytes;
+    KeyGather<BN, Cfg::kChunks>::rows(L, bt_row, kvh, w, tile, ltid,
+                                      [&](int key, int ch, int64_t e) {
+      const int64_t byte_off = e >= 0 ? e * 2 + ch * 16 : 0;
+      const uint32_t off = sw128_offset(BN, key, ch);
+      cp_async_16(k_dst + off, k_src + byte_off, e >= 0 ? 16 : 0);
+      cp_async_16(k_dst + Cfg::kTileBytes + off, v_src + byte_off, e >= 0 ? 16 : 0);
+    });
     cp_async_commit();
     if (tile > 0) {
       cp_async_wait<1>();
@@ -149,9 +174,9 @@ __device__ __forceinline__ void load_kv_tiles(const AttnLaunch& L, int b, int kv
   }
 }
 
-// The load warpgroup for fp8 pages. The same gather shape as load_kv_tiles, over 16-byte
-// chunks of fp8 rows (16 elements), into the staging ring at raw_base: tile t + 1 is copied
-// while tile t is widened. Each thread widens exactly the chunks it copied itself, so its own
+// The load warpgroup for fp8 pages: the same gather over 16-byte chunks of fp8 rows (16
+// elements), into the staging ring at raw_base: tile t + 1 is copied while tile t is
+// widened. Each thread widens exactly the chunks it copied itself, so its own
 // cp.async.wait_group orders them (no barrier among the load threads): 16 fp8 -> two 16-byte
 // f16 chunks at the tile's swizzled positions 2c, 2c + 1, then the fence for the MMA unit and
 // the arrival on full[stage]. A stage is announced as soon as it is written.
@@ -160,36 +185,21 @@ __device__ __forceinline__ void load_kv_tiles_fp8(const AttnLaunch& L, int b, in
                                                   const TileWork& w, int ltid,
                                                   uint32_t stage_base, uint32_t raw_base,
                                                   uint32_t full_bar, uint32_t empty_bar) {
-  constexpr int BN = Cfg::BN, D = Cfg::D, C = D / 16;  // fp8 chunks of one row
-  constexpr int KW = BN / 4;                  // keys per warp and tile
-  constexpr int KPP = C >= 32 ? 1 : 32 / C;   // keys per pass
-  constexpr int LPK = C >= 32 ? 32 : C;       // lanes per key in a pass
-  constexpr int CPL = C / LPK;                // chunks per lane and key
-  static_assert(KW <= 32 && KW % KPP == 0 && C % LPK == 0, "loader shape");
+  constexpr int BN = Cfg::BN, D = Cfg::D;
+  using Gather = KeyGather<BN, D / 16>;  // fp8 chunks of one row
   const AttnParams& p = L.p;
   const int32_t* bt_row = p.block_tables + int64_t(b) * p.max_pages_per_req;
   const char* k_src = static_cast<const char*>(p.kv.k);
   const char* v_src = static_cast<const char*>(p.kv.v);
-  const int lane = ltid % 32, key0 = (ltid / 32) * KW;
 
   auto copy_raw = [&](int tile) {  // one commit group per call
     const uint32_t k_raw = raw_base + (tile % 2) * Cfg::kRawStageBytes;
-    const int jl = w.kb + tile * BN + key0 + lane;
-    const int64_t e_mine =
-        lane < KW && jl < w.ke ? key_row_elem(p.kv, bt_row, jl, L.page_shift, kvh) : -1;
-#pragma unroll
-    for (int pass = 0; pass < KW / KPP; ++pass) {
-      const int kl = pass * KPP + lane / LPK;
-      const int64_t e = __shfl_sync(0xffffffffu, e_mine, kl);
-#pragma unroll
-      for (int cc = 0; cc < CPL; ++cc) {
-        const int ch = lane % LPK + cc * LPK;
-        const int64_t byte_off = e >= 0 ? e + ch * 16 : 0;  // one byte per element
-        const uint32_t off = (key0 + kl) * D + ch * 16;
-        cp_async_16(k_raw + off, k_src + byte_off, e >= 0 ? 16 : 0);
-        cp_async_16(k_raw + Cfg::kRawTileBytes + off, v_src + byte_off, e >= 0 ? 16 : 0);
-      }
-    }
+    Gather::rows(L, bt_row, kvh, w, tile, ltid, [&](int key, int ch, int64_t e) {
+      const int64_t byte_off = e >= 0 ? e + ch * 16 : 0;  // one byte per element
+      const uint32_t off = key * D + ch * 16;
+      cp_async_16(k_raw + off, k_src + byte_off, e >= 0 ? 16 : 0);
+      cp_async_16(k_raw + Cfg::kRawTileBytes + off, v_src + byte_off, e >= 0 ? 16 : 0);
+    });
     cp_async_commit();
   };
 
@@ -207,23 +217,17 @@ __device__ __forceinline__ void load_kv_tiles_fp8(const AttnLaunch& L, int b, in
     cp_async_wait<1>();
     const uint32_t k_raw = raw_base + (tile % 2) * Cfg::kRawStageBytes;
     const uint32_t k_dst = stage_base + stage * Cfg::kStageBytes;
+    Gather::chunks(ltid, [&](int key, int ch) {
 #pragma unroll
-    for (int pass = 0; pass < KW / KPP; ++pass) {
-      const int kl = pass * KPP + lane / LPK;
-#pragma unroll
-      for (int cc = 0; cc < CPL; ++cc) {
-        const int ch = lane % LPK + cc * LPK;
-        const uint32_t off = (key0 + kl) * D + ch * 16;
-#pragma unroll
-        for (int kv = 0; kv < 2; ++kv) {
-          uint4 lo, hi;
-          fp8x16_to_f16x16(ld_shared_16(k_raw + kv * Cfg::kRawTileBytes + off), lo, hi);
-          const uint32_t dst = k_dst + kv * Cfg::kTileBytes;
-          st_shared_16(dst + sw128_offset(BN, key0 + kl, 2 * ch), lo);
-          st_shared_16(dst + sw128_offset(BN, key0 + kl, 2 * ch + 1), hi);
-        }
+      for (int kv = 0; kv < 2; ++kv) {
+        uint4 lo, hi;
+        fp8x16_to_f16x16(ld_shared_16(k_raw + kv * Cfg::kRawTileBytes + key * D + ch * 16), lo,
+                         hi);
+        const uint32_t dst = k_dst + kv * Cfg::kTileBytes;
+        st_shared_16(dst + sw128_offset(BN, key, 2 * ch), lo);
+        st_shared_16(dst + sw128_offset(BN, key, 2 * ch + 1), hi);
       }
-    }
+    });
     fence_proxy_async_shared();  // this thread's stores -> visible to the MMA unit
     mbar_arrive(full_bar + 8 * stage);
   }
