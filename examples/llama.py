@@ -135,10 +135,11 @@ _LAYER_KEYS = ("attn_norm", "wqkv", "wo", "mlp_norm", "w_gate", "w_up", "w_down"
 def split_layers(params: dict) -> dict:
     """`params` with the stacked layer weights [L, ...] replaced by "layers", a tuple of one
     dict of separate arrays per layer. `paged_forward` then runs the layers as a Python loop
-    over those arrays: inside a `lax.scan` over stacked weights XLA's GPU backend copies each
-    layer's slice out of the stack before its GEMMs (a dynamic slice cannot be a cuBLAS
-    operand), about twice the weights' bytes more traffic per step, which a decode step,
-    bound by reading the weights, pays in full. (Compilation is longer: one body per layer.)
+    over those arrays. Measured on an H200 (Llama-3-8B shapes, B=64 decode step): 22.1 ms
+    scanned over stacked weights, 13.1 ms unrolled. The 9 ms are about what copying each
+    layer's weights out of the stack would cost (twice 16 GB of traffic), which is what we
+    take XLA's GPU backend to do with the scan's dynamic slices before the GEMMs (inferred
+    from the time, not read from its HLO). Compilation is longer: one body per layer.
     Call it once, outside jit; the stacked arrays can then be freed."""
     out = {name: x for name, x in params.items() if name not in _LAYER_KEYS}
     out["layers"] = tuple({name: params[name][i] for name in _LAYER_KEYS}

@@ -150,3 +150,31 @@ def test_tensor_parallel_step_and_generation_match_one_device():
     from conftest import run_on_fake_cpu_devices
     examples = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples")
     run_on_fake_cpu_devices(_TP.format(examples=examples), count=2)
+
+
+def test_unrolled_layers_and_logit_rows_match_the_scanned_step(params):
+    """llama.split_layers (layers unrolled over separate arrays) gives the scanned step's
+    logits and caches, and logit_rows selects rows of the same logits."""
+    import jax.numpy as jnp
+    ps, pages = 4, 16
+    rng = np.random.default_rng(11)
+    tokens = jnp.asarray(rng.integers(0, CFG.vocab, 12), jnp.int32)
+    bt = jnp.asarray(np.arange(12).reshape(3, 4), jnp.int32)
+    start, num_new = jnp.asarray([0, 3, 7], jnp.int32), jnp.asarray([6, 4, 1], jnp.int32)
+    shape = (CFG.layers, pages, ps, CFG.kv_heads, CFG.head_dim)
+    kc = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    vc = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+
+    def step(p, rows=None):
+        return llama.paged_forward(p, CFG, tokens, kc, vc, bt, start, num_new, page_size=ps,
+                                   max_q_len=6, logit_rows=rows)
+
+    want = step(params)
+    got = step(llama.split_layers(params))
+    for a, b, name in zip(got, want, ("logits", "k cache", "v cache")):
+        err = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+        assert err < 1e-5, (name, err)
+    rows = jnp.asarray([5, 9, 10], jnp.int32)          # each request's last new token
+    picked = step(llama.split_layers(params), rows)[0]
+    np.testing.assert_allclose(np.asarray(picked), np.asarray(want[0])[np.asarray(rows)],
+                               rtol=1e-5, atol=1e-5)
