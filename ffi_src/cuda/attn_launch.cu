@@ -69,9 +69,9 @@ cudaError_t cached_tile_info(int dev, cuda::Family family, int64_t d, int shape,
 
 // Kernel family of one call. The sm90 family (built with JPA_SM90) serves prefill with bf16
 // or f16 pages (and fp8 pages at head_dim 64 / 128) on compute capability 9.0, and is the
-// default there; sm80 serves everything else. The launch switch force_sm80 (JPA_CUDA_FAMILY=sm80 when the call was lowered) forces
-// sm80 everywhere, so one Hopper card checks and measures both families
-// (docs/cuda_kernels.md).
+// default there; sm80 serves everything else. The launch switch force_sm80
+// (JPA_CUDA_FAMILY=sm80 when the call was lowered) forces sm80 everywhere, so one Hopper card
+// checks and measures both families (docs/cuda_kernels.md).
 cuda::Family choose_family(const AttnParams& p, const DeviceInfo& di, int shape) {
   const bool pages_ok = p.kv.dtype == DType::kBF16 || p.kv.dtype == DType::kF16 ||
                         (p.kv.dtype == DType::kF8E4M3 && cuda::sm90_takes_fp8(p.head_dim));
