@@ -60,6 +60,9 @@ struct PrefillCfg {
   static constexpr int BN = BN_;
   using CT = CT_;
   static constexpr int kStages = Stages_;
+  // The 16-bit loader announces a stage one tile late: with one stage it would wait for an
+  // empty slot that only its own unannounced stage can free.
+  static_assert(kStages >= 2, "the ring needs two stages");
   static constexpr bool kFp8 = Fp8_;  // fp8 e4m3 pages, widened to CT (f16) by the loader
   static constexpr int kMmaWarpgroups = 2;
   static constexpr int kMmaThreads = 128 * kMmaWarpgroups;
