@@ -178,3 +178,22 @@ def test_unrolled_layers_and_logit_rows_match_the_scanned_step(params):
     picked = step(llama.split_layers(params), rows)[0]
     np.testing.assert_allclose(np.asarray(picked), np.asarray(want[0])[np.asarray(rows)],
                                rtol=1e-5, atol=1e-5)
+
+
+def test_bench_generate_smoke_reports_every_phase(tmp_path, capsys):
+    """benchmarks/bench_generate.py --smoke (tiny model, CPU) runs both engines and the
+    decode-step measurement and writes every phase to generate.json."""
+    import json
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                                    "benchmarks"))
+    import bench_generate
+
+    bench_generate.main(["--smoke", "--out", str(tmp_path)])
+    report = json.load(open(tmp_path / "generate.json"))
+    for name in ("paged", "dense"):
+        assert report[name]["generated"] > 0 and report[name]["tokens_per_s"] > 0, name
+    # same requests, same greedy model: both engines generate the same number of tokens
+    assert report["paged"]["generated"] == report["dense"]["generated"]
+    step = report["decode_step"]
+    assert 0 < step["attention_s"] and 0 < step["step_s"]
+    assert "paged / dense tokens/s" in capsys.readouterr().out
