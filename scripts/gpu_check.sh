@@ -14,9 +14,11 @@
 #   scripts/gpu_check.sh prefill generate     # the full prefill and generation benchmarks
 #                                             # (not in the default list: minutes each)
 #   scripts/gpu_check.sh profile              # ncu on our prefill kernel and cuDNN's
+#   scripts/gpu_check.sh variants             # unmerged branches' kernels (.variants/*)
 #
 # Per-part time limits (seconds) can be set with T_BUILD, T_TESTS, T_LARGE, T_FUZZ, T_CPU, T_SAN, T_BENCH,
-# T_PREFILL, T_GENERATE, T_PROFILE.
+# T_PREFILL, T_GENERATE, T_PROFILE,
+# T_SMOKE.
 # Extra pytest arguments for the GPU suite: PYTEST_GPU_ARGS (e.g. "-k decode").
 set -u
 cd "$(dirname "$0")/.."
@@ -129,28 +131,38 @@ sanitize_run() {  # tool:allocator prefix [VAR=value ...]
     "${summ:-no summary} (script done: $done_ok)${where:+; $where, see $log.map}"
 }
 
-# ---------------------------------------------------------------------------- build
-if has build || ! ls jax_paged_attn/_jpa_ffi*.so >/dev/null 2>&1; then
-  run_part build "${T_BUILD:-240}" "$OUT/build.log" env JPA_CUDA=ON \
+# One build of the extension with the CUDA kernels (pip, editable; a plain CMake build if
+# pip fails), the compiled module copied into the package; sets LAST_RC / LAST_DT.
+build_ext() {  # name log
+  local name=$1 log=$2
+  run_part "$name" "${T_BUILD:-240}" "$log" env JPA_CUDA=ON \
     "$PY" -m pip install --no-build-isolation --no-deps -v -e . \
     -C cmake.define.CMAKE_CUDA_ARCHITECTURES=90 -C build-dir=build/gpu
   if [ "$LAST_RC" != 0 ]; then
     # Fallback: a plain CMake build of the extension (same sources and flags).
-    echo "######## pip build failed (rc=$LAST_RC); trying cmake directly" >>"$OUT/build.log"
-    cp "$OUT/build.log" "$OUT/.build_pip.log"
-    run_part build-cmake "${T_BUILD:-240}" "$OUT/.build_cmake.log" bash -c \
+    echo "######## pip build failed (rc=$LAST_RC); trying cmake directly" >>"$log"
+    cp "$log" "$log.pip"
+    run_part "$name-cmake" "${T_BUILD:-240}" "$log.cmake" bash -c \
       "cmake -S . -B build/gpu-cmake -G Ninja -DJPA_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
          -DPython_EXECUTABLE=\"\$(command -v $PY)\" && cmake --build build/gpu-cmake"
-    cat "$OUT/.build_pip.log" "$OUT/.build_cmake.log" >"$OUT/build.log"
-    rm -f "$OUT/.build_pip.log" "$OUT/.build_cmake.log"
+    cat "$log.pip" "$log.cmake" >"$log"
+    rm -f "$log.pip" "$log.cmake"
   fi
   if [ "$LAST_RC" = 0 ]; then
     # Make the in-tree package importable whatever the editable mode does.
+    local so
     so=$(find build/gpu build/gpu-cmake -name '_jpa_ffi*.so' -newer pyproject.toml 2>/dev/null | head -1)
     [ -n "$so" ] && cp -f "$so" jax_paged_attn/
     "$PY" -c "import jax_paged_attn as j; print('cuda kernels:', j._registry.has_cuda_kernels())" \
-      >>"$OUT/build.log" 2>&1
-    grep -E "spill|ptxas (warning|error)" "$OUT/build.log" | sort -u | head -20 >>"$OUT/build.log"
+      >>"$log" 2>&1
+    grep -E "spill|ptxas (warning|error)" "$log" | sort -u | head -20 >>"$log"
+  fi
+}
+
+# ---------------------------------------------------------------------------- build
+if has build || ! ls jax_paged_attn/_jpa_ffi*.so >/dev/null 2>&1; then
+  build_ext build "$OUT/build.log"
+  if [ "$LAST_RC" = 0 ]; then
     note build ok "$LAST_DT" "$(grep -m1 'cuda kernels:' "$OUT/build.log")"
   else
     note build FAIL "$LAST_DT" "$(grep -m1 -E 'error' "$OUT/build.log")"
@@ -259,6 +271,47 @@ if has profile; then
       --no-ref-check --only "=${PROFILE_POINT:-1x8192}" --out "$OUT/ncu_$1"
     note "ncu-$1" "rc=$LAST_RC" "$LAST_DT" "$(grep -m1 -E 'Compute \(SM\) Throughput' "$OUT/ncu_$1.log" | tr -s ' ')"
   done
+fi
+
+# ---------------------------------------------------------------------------- variants
+# Kernels of unmerged branches, measured beside the tree's in one call: each folder of
+# VARIANTS_DIR (default .variants; untracked, so it travels with the working tree) holds the
+# files a branch changes, at their paths, e.g.
+#   git diff --name-only main BRANCH | xargs git archive BRANCH | tar -x -C .variants/BRANCH
+# Each variant's files are swapped in, built, smoke-tested (VARIANT_SMOKE: a pytest -k
+# expression over tests/test_gpu.py) and benchmarked (bench_prefill.py with
+# VARIANT_PREFILL_ARGS); then the tree's own files are put back and rebuilt. Files are copied
+# with new mtimes both ways, so the incremental build sees every swap.
+DEFAULT_SMOKE="family_switch or wgmma or ragged_interleaved_pages or fp8"
+if has variants; then
+  for vdir in "${VARIANTS_DIR:-.variants}"/*/; do
+    [ -d "$vdir" ] || continue
+    name=$(basename "$vdir")
+    keep=$(mktemp -d)
+    files=$(cd "$vdir" && find . -type f | sed 's|^\./||')
+    for f in $files; do
+      if [ -f "$f" ]; then mkdir -p "$keep/$(dirname "$f")" && cp "$f" "$keep/$f"; fi
+      mkdir -p "$(dirname "$f")" && cp "$vdir/$f" "$f"
+    done
+    build_ext "build-$name" "$OUT/build_$name.log"
+    note "build-$name" "rc=$LAST_RC" "$LAST_DT" "$(grep -m1 'cuda kernels:' "$OUT/build_$name.log")"
+    if [ "$LAST_RC" = 0 ]; then
+      run_part "smoke-$name" "${T_SMOKE:-180}" "$OUT/smoke_$name.log" "$PY" -m pytest -q \
+        -p no:cacheprovider tests/test_gpu.py -k "${VARIANT_SMOKE:-$DEFAULT_SMOKE}"
+      note "smoke-$name" "rc=$LAST_RC" "$LAST_DT" "$(pytest_counts "$OUT/smoke_$name.log")"
+      if [ "$LAST_RC" = 0 ]; then
+        run_part "prefill-$name" "${T_PREFILL:-300}" "$OUT/bench_prefill_$name.log" "$PY" \
+          benchmarks/bench_prefill.py --out "$OUT/prefill_$name" ${VARIANT_PREFILL_ARGS:---impls ours}
+        note "prefill-$name" "rc=$LAST_RC" "$LAST_DT" "see $OUT/prefill_$name/prefill.md"
+      fi
+    fi
+    for f in $files; do
+      if [ -f "$keep/$f" ]; then cp "$keep/$f" "$f"; else rm -f "$f"; fi
+    done
+    rm -rf "$keep"
+  done
+  build_ext build-tree "$OUT/build_tree.log"
+  note build-tree "rc=$LAST_RC" "$LAST_DT" "the tree's own kernels again"
 fi
 
 # ---------------------------------------------------------------------------- CPU suite (collect)
