@@ -14,6 +14,7 @@
 #   scripts/gpu_check.sh prefill generate     # the full prefill and generation benchmarks
 #                                             # (not in the default list: minutes each)
 #   scripts/gpu_check.sh profile              # ncu on our prefill kernel and cuDNN's
+#   scripts/gpu_check.sh profile-decode       # the same for decode
 #   scripts/gpu_check.sh variants             # unmerged branches' kernels (.variants/*)
 #
 # Per-part time limits (seconds) can be set with T_BUILD, T_TESTS, T_LARGE, T_FUZZ, T_CPU, T_SAN, T_BENCH,
@@ -257,20 +258,30 @@ if has generate; then
 fi
 
 # ---------------------------------------------------------------------------- profile
-# Nsight Compute on one launch of our prefill kernel and of cuDNN's at one benchmark point
-# (PROFILE_POINT, default 1x8192): speed of light, tensor pipe use, warp stall reasons and
-# their SASS lines. Clocks left alone (--clock-control none: the device notes say so).
+# Nsight Compute on one launch of our kernel and of cuDNN's at one benchmark point: speed of
+# light, tensor pipe use, warp stall reasons and their SASS lines. Clocks left alone
+# (--clock-control none: the device notes say so). `profile`: prefill at PROFILE_POINT
+# (default 1x8192); `profile-decode`: decode at PROFILE_DECODE_POINT (default "grid 1x32768";
+# our split tiles and their merge, so two launches).
+ncu_run() {  # name bench point impl kernel-regex launches
+  local name=$1 bench=$2 point=$3 impl=$4 regex=$5 count=$6 only=$3
+  [ "$bench" = prefill ] && only="=$point"  # bench_prefill: exact names start with "="
+  run_part "$name" "${T_PROFILE:-150}" "$OUT/$name.log" ncu --clock-control none \
+    -k "regex:$regex" --launch-skip 3 --launch-count "$count" --section SpeedOfLight \
+    --section ComputeWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
+    --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+    --section SourceCounters "$PY" "benchmarks/bench_$bench.py" --impls "$impl" --reps 3 \
+    --no-ref-check --only "$only" --out "$OUT/$name"
+  note "$name" "rc=$LAST_RC" "$LAST_DT" "$(grep -m1 -E 'Compute \(SM\) Throughput|DRAM Throughput' "$OUT/$name.log" | tr -s ' ')"
+}
 if has profile; then
-  for who in "ours prefill_wgmma" "cudnn sdpa"; do
-    set -- $who
-    run_part "ncu-$1" "${T_PROFILE:-150}" "$OUT/ncu_$1.log" ncu --clock-control none \
-      -k "regex:$2" --launch-skip 3 --launch-count 1 --section SpeedOfLight \
-      --section ComputeWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
-      --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
-      --section SourceCounters "$PY" benchmarks/bench_prefill.py --impls "$1" --reps 3 \
-      --no-ref-check --only "=${PROFILE_POINT:-1x8192}" --out "$OUT/ncu_$1"
-    note "ncu-$1" "rc=$LAST_RC" "$LAST_DT" "$(grep -m1 -E 'Compute \(SM\) Throughput' "$OUT/ncu_$1.log" | tr -s ' ')"
-  done
+  ncu_run ncu_ours prefill "${PROFILE_POINT:-1x8192}" ours prefill_wgmma 1
+  ncu_run ncu_cudnn prefill "${PROFILE_POINT:-1x8192}" cudnn sdpa 1
+fi
+if has profile-decode; then
+  ncu_run ncu_decode_ours decode "${PROFILE_DECODE_POINT:-grid 1x32768}" ours \
+    "attn_tile|attn_merge" 2
+  ncu_run ncu_decode_cudnn decode "${PROFILE_DECODE_POINT:-grid 1x32768}" cudnn cudnn 1
 fi
 
 # ---------------------------------------------------------------------------- variants
