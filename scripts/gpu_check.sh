@@ -156,7 +156,8 @@ build_ext() {  # name log
     [ -n "$so" ] && cp -f "$so" jax_paged_attn/
     "$PY" -c "import jax_paged_attn as j; print('cuda kernels:', j._registry.has_cuda_kernels())" \
       >>"$log" 2>&1
-    grep -E "spill|ptxas (warning|error)" "$log" | sort -u | head -20 >>"$log"
+    # ptxas reports wgmma serialization (C75xx "Potential Performance Loss") as info lines
+    grep -E "spill|ptxas (warning|error)|Performance Loss" "$log" | sort -u | head -20 >>"$log"
   fi
 }
 
