@@ -29,6 +29,7 @@ import numpy as np
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(_ROOT, "examples"), _ROOT]
 
+import common as C  # noqa: E402
 import dense_engine  # noqa: E402
 import engine  # noqa: E402
 import llama  # noqa: E402
@@ -81,17 +82,13 @@ _ATTN_KERNELS = ("attn_prepare_kernel", "attn_tile_kernel", "attn_merge_kernel",
                  "prefill_wgmma_kernel")
 
 
-def _attention_kernel_s(fn):
-    """Seconds of our attention kernels in one call of `fn` (CUPTI, through the Mosaic GPU
-    profiler), or None where CUPTI is not available (the CPU)."""
-    try:
-        from jax.experimental.mosaic.gpu import profiler
-        _, per = profiler.measure(fn, aggregate=False)()
-    except Exception:
+def _attention_kernel_s(timer, fn):
+    """Seconds of our attention kernels in one call of `fn` (CUPTI), or None where CUPTI is
+    not available (the CPU)."""
+    kernels = timer.kernels(fn, (), limit=None)
+    if kernels is None:
         return None
-    if per and isinstance(per[0], list):
-        per = per[0]
-    return sum(ms for name, ms in per if any(k in str(name) for k in _ATTN_KERNELS)) * 1e-3
+    return sum(us for name, us in kernels if any(k in name for k in _ATTN_KERNELS)) * 1e-6
 
 
 def attention_share(cfg, eng_args, batch, ctx, reps, params):
@@ -128,7 +125,8 @@ def attention_share(cfg, eng_args, batch, ctx, reps, params):
         return sampled
 
     step = timed(one_step)
-    step_attn_k = _attention_kernel_s(one_step)
+    timer = C.Timer(reps=1)
+    step_attn_k = _attention_kernel_s(timer, one_step)
     # Attention alone: one decode call per layer on that layer of the stack.
     q = jax.random.normal(jax.random.key(1), (batch, cfg.heads, cfg.head_dim), cfg.dtype)
 
@@ -142,7 +140,7 @@ def attention_share(cfg, eng_args, batch, ctx, reps, params):
     bt = jnp.asarray(table)
     alone = lambda: attn_only(q, caches[0], caches[1], bt, start + 1)  # noqa: E731
     attn = timed(alone)
-    alone_k = _attention_kernel_s(alone)
+    alone_k = _attention_kernel_s(timer, alone)
     out = dict(batch=batch, ctx=ctx, step_s=step, attention_s=attn,
                attention_share=attn / step)
     if step_attn_k is not None and alone_k:

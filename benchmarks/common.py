@@ -312,7 +312,7 @@ class Timer:
             del out
         return samples                                 # ms per call
 
-    def kernels(self, jfn, args, limit: int = 12) -> list | None:
+    def kernels(self, jfn, args, limit: int | None = 12) -> list | None:
         """[(kernel name, us)] of one call, by CUPTI (None without CUPTI): shows which
         kernels a call launches and that CUPTI sees them."""
         if self.profiler is None:

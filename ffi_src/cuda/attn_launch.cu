@@ -167,9 +167,10 @@ cudaError_t PlanAttention(const AttnParams& p, AttnPlan* plan) {
   // Decode with the 16-row shape needs no prepare kernel: the tiles check their request and
   // pages themselves (AttnLaunch::fused_checks). Prefill keeps it (padding rows, run max).
   L.fused_checks = p.is_decode() && shape == cuda::kShapeDecode;
-  L.longest_first = L.fused_checks && B > 1 && B <= cuda::kMaxLongestFirstBatch;
-  // Benchmarking knob (JPA_CUDA_LONGEST_FIRST=0 at lowering): batch order.
-  if (!p.launch.longest_first) L.longest_first = false;
+  // The longest_first switch off (JPA_CUDA_LONGEST_FIRST=0 at lowering, a benchmarking
+  // knob) keeps batch order.
+  L.longest_first = p.launch.longest_first && L.fused_checks && B > 1 &&
+                    B <= cuda::kMaxLongestFirstBatch;
   plan->family = choose_family(p, di, shape);
   TileInfo ti;
   JPA_CUDA_TRY(cached_tile_info(dev, plan->family, D, shape, pd, &ti));
