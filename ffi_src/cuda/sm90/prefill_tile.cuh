@@ -329,6 +329,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const bool use_cap = p.softcap > 0.0f;
   const float scale_log2 = qk_scale * kLog2e;
   const float cap_in = use_cap ? qk_scale / p.softcap : 0.0f;
+  // Without a soft cap and with a positive scale, the scale moves into the exponent: the max
+  // of raw logits times the scale is the max of scaled ones, and exp2(s * scale - m) is one
+  // FFMA per logit instead of an FMUL pass and an FADD (the mask's -inf stays -inf).
+  const bool fold_scale = !use_cap && scale_log2 > 0.0f;
+  const float exp_mul = fold_scale ? scale_log2 : 1.0f;
   const float cap_out = p.softcap * kLog2e;
 
   float o_acc[D / 2];
@@ -374,7 +379,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     if (use_cap) {
 #pragma unroll
       for (int i = 0; i < BN / 2; ++i) s_acc[i] = cap_out * tanhf(s_acc[i] * cap_in);
-    } else {
+    } else if (!fold_scale) {
 #pragma unroll
       for (int i = 0; i < BN / 2; ++i) s_acc[i] *= scale_log2;
     }
@@ -394,22 +399,27 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     for (int h = 0; h < 2; ++h) {
       mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
       mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+      mx[h] *= exp_mul;  // raw logits: their max in the log2 domain (-inf stays -inf)
       const float m_new = fmaxf(m_run[h], mx[h]);
       m_use[h] = m_new == -INFINITY ? 0.0f : m_new;
       alpha[h] = fast_exp2(m_run[h] - m_use[h]);
       m_run[h] = m_new;
       l_run[h] *= alpha[h];
     }
+    // O is rescaled only when a row max of the warp moved (alpha is exactly 1 otherwise,
+    // which long rows see in most tiles); the test is warp-uniform, so no lane diverges.
+    if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-      o_acc[4 * i + 0] *= alpha[0];
-      o_acc[4 * i + 1] *= alpha[0];
-      o_acc[4 * i + 2] *= alpha[1];
-      o_acc[4 * i + 3] *= alpha[1];
+      for (int i = 0; i < D / 8; ++i) {
+        o_acc[4 * i + 0] *= alpha[0];
+        o_acc[4 * i + 1] *= alpha[0];
+        o_acc[4 * i + 2] *= alpha[1];
+        o_acc[4 * i + 3] *= alpha[1];
+      }
     }
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) {
-      const float pr = fast_exp2(s_acc[i] - m_use[(i >> 1) & 1]);
+      const float pr = fast_exp2(fmaf(s_acc[i], exp_mul, -m_use[(i >> 1) & 1]));
       l_run[(i >> 1) & 1] += pr;
       s_acc[i] = pr;
     }
