@@ -82,10 +82,12 @@ _ATTN_KERNELS = ("attn_prepare_kernel", "attn_tile_kernel", "attn_merge_kernel",
                  "prefill_wgmma_kernel")
 
 
-def _attention_kernel_s(timer, fn):
-    """Seconds of our attention kernels in one call of `fn` (CUPTI), or None where CUPTI is
-    not available (the CPU)."""
-    kernels = timer.kernels(fn, (), limit=None)
+def _attention_kernel_s(timer, fn, args):
+    """Seconds of our attention kernels in one call of `fn(*args)` (CUPTI), or None where
+    CUPTI is not available (the CPU). The profiler traces `fn` under jit: the arrays must
+    come in as `args`, since arrays a closure holds would be lowered as constants (the
+    model's weights: tens of GB)."""
+    kernels = timer.kernels(fn, args, limit=None)
     if kernels is None:
         return None
     return sum(us for name, us in kernels if any(k in name for k in _ATTN_KERNELS)) * 1e-6
@@ -126,7 +128,9 @@ def attention_share(cfg, eng_args, batch, ctx, reps, params):
 
     step = timed(one_step)
     timer = C.Timer(reps=1)
-    step_attn_k = _attention_kernel_s(timer, one_step)
+    step_attn_k = _attention_kernel_s(
+        timer, lambda *a: eng._decode_step(*a)[0],
+        (eng.params, caches[0], caches[1], tokens, jnp.asarray(table), start, one))
     # Attention alone: one decode call per layer on that layer of the stack.
     q = jax.random.normal(jax.random.key(1), (batch, cfg.heads, cfg.head_dim), cfg.dtype)
 
@@ -140,7 +144,7 @@ def attention_share(cfg, eng_args, batch, ctx, reps, params):
     bt = jnp.asarray(table)
     alone = lambda: attn_only(q, caches[0], caches[1], bt, start + 1)  # noqa: E731
     attn = timed(alone)
-    alone_k = _attention_kernel_s(timer, alone)
+    alone_k = _attention_kernel_s(timer, attn_only, (q, caches[0], caches[1], bt, start + 1))
     out = dict(batch=batch, ctx=ctx, step_s=step, attention_s=attn,
                attention_share=attn / step)
     if step_attn_k is not None and alone_k:
