@@ -119,18 +119,18 @@ def attention_share(cfg, eng_args, batch, ctx, reps, params):
         return float(np.median(t))
 
     caches = [eng.k_cache, eng.v_cache]      # donated to each step, so carried along
+    bt = jnp.asarray(table)
+
+    def step_args():
+        return (eng.params, caches[0], caches[1], tokens, bt, start, one)
 
     def one_step():
-        sampled, caches[0], caches[1] = eng._decode_step(eng.params, caches[0], caches[1],
-                                                         tokens, jnp.asarray(table), start,
-                                                         one)
+        sampled, caches[0], caches[1] = eng._decode_step(*step_args())
         return sampled
 
     step = timed(one_step)
     timer = C.Timer(reps=1)
-    step_attn_k = _attention_kernel_s(
-        timer, lambda *a: eng._decode_step(*a)[0],
-        (eng.params, caches[0], caches[1], tokens, jnp.asarray(table), start, one))
+    step_attn_k = _attention_kernel_s(timer, lambda *a: eng._decode_step(*a)[0], step_args())
     # Attention alone: one decode call per layer on that layer of the stack.
     q = jax.random.normal(jax.random.key(1), (batch, cfg.heads, cfg.head_dim), cfg.dtype)
 
@@ -141,10 +141,9 @@ def attention_share(cfg, eng_args, batch, ctx, reps, params):
         return jax.lax.scan(body, jnp.zeros(q.shape, jnp.float32),
                             jnp.arange(cfg.layers, dtype=jnp.int32))[0]
 
-    bt = jnp.asarray(table)
-    alone = lambda: attn_only(q, caches[0], caches[1], bt, start + 1)  # noqa: E731
-    attn = timed(alone)
-    alone_k = _attention_kernel_s(timer, attn_only, (q, caches[0], caches[1], bt, start + 1))
+    alone_args = (q, caches[0], caches[1], bt, start + 1)   # the caches after the steps
+    attn = timed(lambda: attn_only(*alone_args))
+    alone_k = _attention_kernel_s(timer, attn_only, alone_args)
     out = dict(batch=batch, ctx=ctx, step_s=step, attention_s=attn,
                attention_share=attn / step)
     if step_attn_k is not None and alone_k:
