@@ -11,14 +11,16 @@
 #                                             # sanitizers with the sm80 family forced
 #                                             # (JPA_CUDA_FAMILY=sm80; sm90 is the default there)
 #   scripts/gpu_check.sh build tests          # only some parts (build is implied if needed)
-#   scripts/gpu_check.sh prefill generate     # the full prefill and generation benchmarks
-#                                             # (not in the default list: minutes each)
+#   scripts/gpu_check.sh prefill decode generate
+#                                             # the full prefill, decode (--extra points) and
+#                                             # generation benchmarks (not in the default
+#                                             # list: minutes each)
 #   scripts/gpu_check.sh profile              # ncu on our prefill kernel and cuDNN's
 #   scripts/gpu_check.sh profile-decode       # the same for decode
 #   scripts/gpu_check.sh variants             # unmerged branches' kernels (.variants/*)
 #
 # Per-part time limits (seconds) can be set with T_BUILD, T_TESTS, T_LARGE, T_FUZZ, T_CPU, T_SAN, T_BENCH,
-# T_PREFILL, T_GENERATE, T_PROFILE,
+# T_PREFILL, T_DECODE, T_GENERATE, T_PROFILE,
 # T_SMOKE.
 # Extra pytest arguments for the GPU suite: PYTEST_GPU_ARGS (e.g. "-k decode").
 set -u
@@ -245,12 +247,18 @@ fi
 
 # ---------------------------------------------------------------------------- full benchmarks
 # benchmarks/bench_prefill.py (every point; PREFILL_ARGS adds e.g. "--impls ours,cudnn" or
-# "--only 1x8192") and benchmarks/bench_generate.py (GENERATE_ARGS), outputs under $OUT/prefill
-# and $OUT/generate.
+# "--only 1x8192"), benchmarks/bench_decode.py (DECODE_ARGS, default "--extra": the grid and
+# the extra points) and benchmarks/bench_generate.py (GENERATE_ARGS), outputs under
+# $OUT/prefill, $OUT/decode and $OUT/generate.
 if has prefill; then
   run_part prefill "${T_PREFILL:-300}" "$OUT/bench_prefill.log" "$PY" benchmarks/bench_prefill.py \
     --out "$OUT/prefill" ${PREFILL_ARGS:-}
   note prefill "rc=$LAST_RC" "$LAST_DT" "$(grep -cE ' ok$' "$OUT/prefill/prefill.md" 2>/dev/null) rows ok"
+fi
+if has decode; then
+  run_part decode "${T_DECODE:-300}" "$OUT/bench_decode.log" "$PY" benchmarks/bench_decode.py \
+    --out "$OUT/decode" ${DECODE_ARGS:---extra}
+  note decode "rc=$LAST_RC" "$LAST_DT" "$(grep -cE ' ok *\|?$' "$OUT/decode/decode.md" 2>/dev/null) rows ok"
 fi
 if has generate; then
   run_part generate "${T_GENERATE:-300}" "$OUT/bench_generate.log" "$PY" \
@@ -292,7 +300,8 @@ fi
 #   git diff --name-only main BRANCH | xargs git archive BRANCH | tar -x -C .variants/BRANCH
 # Each variant's files are swapped in, built, smoke-tested (VARIANT_SMOKE: a pytest -k
 # expression over tests/test_gpu.py) and benchmarked (bench_prefill.py with
-# VARIANT_PREFILL_ARGS); then the tree's own files are put back and rebuilt. Files are copied
+# VARIANT_PREFILL_ARGS unless that is "skip"; bench_decode.py with VARIANT_DECODE_ARGS when
+# set); then the tree's own files are put back and rebuilt. Files are copied
 # with new mtimes both ways, so the incremental build sees every swap.
 DEFAULT_SMOKE="family_switch or wgmma or ragged_interleaved_pages or fp8"
 if has variants; then
@@ -311,10 +320,15 @@ if has variants; then
       run_part "smoke-$name" "${T_SMOKE:-180}" "$OUT/smoke_$name.log" "$PY" -m pytest -q \
         -p no:cacheprovider tests/test_gpu.py -k "${VARIANT_SMOKE:-$DEFAULT_SMOKE}"
       note "smoke-$name" "rc=$LAST_RC" "$LAST_DT" "$(pytest_counts "$OUT/smoke_$name.log")"
-      if [ "$LAST_RC" = 0 ]; then
+      if [ "$LAST_RC" = 0 ] && [ "${VARIANT_PREFILL_ARGS:-}" != skip ]; then
         run_part "prefill-$name" "${T_PREFILL:-300}" "$OUT/bench_prefill_$name.log" "$PY" \
           benchmarks/bench_prefill.py --out "$OUT/prefill_$name" ${VARIANT_PREFILL_ARGS:---impls ours}
         note "prefill-$name" "rc=$LAST_RC" "$LAST_DT" "see $OUT/prefill_$name/prefill.md"
+      fi
+      if [ "$LAST_RC" = 0 ] && [ -n "${VARIANT_DECODE_ARGS:-}" ]; then
+        run_part "decode-$name" "${T_DECODE:-300}" "$OUT/bench_decode_$name.log" "$PY" \
+          benchmarks/bench_decode.py --out "$OUT/decode_$name" ${VARIANT_DECODE_ARGS}
+        note "decode-$name" "rc=$LAST_RC" "$LAST_DT" "see $OUT/decode_$name/decode.md"
       fi
     fi
     for f in $files; do
