@@ -4,6 +4,9 @@ the XLA reference, side by side in one run, with the read ceiling measured in th
     python benchmarks/bench_decode.py [--quick] [--extra] [--impls ours,cudnn,pallas,xla]
                                       [--out DIR] [--cpu-smoke]
 
+"ours-merge-launch" (not in the default list) is ours with the split merge in a launch of
+its own (JPA_CUDA_FUSED_MERGE=0) instead of in the tiles: the A/B of the fused merge.
+
 Grid (DESIGN.md §5): Hq=32 Hkv=8 D=128 page 16 bf16 at (B, L) = (1, 32k), (8, 8k), (32, 4k),
 (128, 2k), (256, 1k), plus B=1 L=4096 (latency). --extra adds D=64/256, page 64, Hq=64,
 fp8 pages, ragged lengths and q_len_per_req=4.
@@ -35,7 +38,11 @@ C.add_tests_to_path()
 import cases  # noqa: E402
 import device_inputs as DI  # noqa: E402
 
-IMPLS = ("ours", "cudnn", "pallas", "xla")
+IMPLS = ("ours", "ours-merge-launch", "cudnn", "pallas", "xla")
+DEFAULT_IMPLS = ("ours", "cudnn", "pallas", "xla")
+# Rows that differ from ours only by the launcher's switches (set around the row's whole
+# build / compile / time by run_impl).
+IMPL_ENV = {"ours-merge-launch": {"JPA_CUDA_FUSED_MERGE": "0"}}
 # rel L2 above this (bf16 data) is flagged: a bf16 output alone gives ~4e-3.
 REL_TOL = 2e-2
 
@@ -167,9 +174,15 @@ def _build_jpa_style(name: str, decode_fn, pt: Point, sets: list[InputSet]) -> l
     return [Built(name, fn, args, lambda o: o, kv_itemsize(pt.kv))]
 
 
-def build_ours(pt: Point, sets: list[InputSet]) -> list[Built]:
+def build_ours(pt: Point, sets: list[InputSet], name: str = "ours") -> list[Built]:
     import jax_paged_attn as jpa
-    return _build_jpa_style("ours", jpa.paged_decode, pt, sets)
+    return _build_jpa_style(name, jpa.paged_decode, pt, sets)
+
+
+def build_ours_merge_launch(pt: Point, sets: list[InputSet]) -> list[Built]:
+    if jax.devices()[0].platform != "gpu":
+        raise C.Unsupported("the merge switch is the CUDA launcher's")
+    return build_ours(pt, sets, "ours-merge-launch")
 
 
 def build_xla(pt: Point, sets: list[InputSet]) -> list[Built]:
@@ -267,8 +280,8 @@ def build_pallas(pt: Point, sets: list[InputSet]) -> list[Built]:
     return variants
 
 
-BUILDERS = {"ours": build_ours, "cudnn": build_cudnn, "pallas": build_pallas,
-            "xla": build_xla}
+BUILDERS = {"ours": build_ours, "ours-merge-launch": build_ours_merge_launch,
+            "cudnn": build_cudnn, "pallas": build_pallas, "xla": build_xla}
 
 
 # ------------------------------------------------------------------------------ runner
@@ -292,10 +305,11 @@ def run_impl(name, pt, sets, timer, lens, reps_sets):
         return dict(bytes=nbytes, gbps=nbytes / (t.us * 1e-6) / 1e9)
 
     # One timed call runs every input set (rotation past the L2); time is per set.
-    return C.run_impl(row, lambda: BUILDERS[name](pt, sets), timer, compile_fn=C.multi_call,
-                      first_output=lambda outs: outs[0],
-                      time_kwargs=lambda built: dict(ops_per_call=len(built.args)),
-                      metrics=metrics)
+    with C.launch_env(IMPL_ENV.get(name, {})):
+        return C.run_impl(row, lambda: BUILDERS[name](pt, sets), timer,
+                          compile_fn=C.multi_call, first_output=lambda outs: outs[0],
+                          time_kwargs=lambda built: dict(ops_per_call=len(built.args)),
+                          metrics=metrics)
 
 
 def run_point(pt, impls, timer, l2_bytes, seed, smoke, check_ref):
@@ -374,6 +388,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", default=None,
                    help="comma list of point names to keep, e.g. 'fp8 128x2048,grid 128x2048'")
+    p.set_defaults(impls=",".join(DEFAULT_IMPLS))
     args = p.parse_args(argv)
     impls = C.parse_impls(args.impls, IMPLS)
     outdir = C.out_dir(args.out)

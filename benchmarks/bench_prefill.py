@@ -361,19 +361,8 @@ def reference_f32(pt, x):
 def run_impl(name, pt, x, timer):
     row = {"point": pt.name, "config": pt.config, "impl": name, "B": pt.batch,
            "L": pt.q_len}
-    env = IMPL_ENV.get(name, {})
-    # A command buffer captures the launcher's choice at its first run: the switches stay
-    # set for the row's whole life.
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with C.launch_env(IMPL_ENV.get(name, {})):
         return _run_impl(name, row, pt, x, timer)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _run_impl(name, row, pt, x, timer):

@@ -1,7 +1,8 @@
 """A small representative set of CUDA calls for compute-sanitizer (memcheck / racecheck /
 initcheck).
 
-Covers: decode with split-KV (merge kernel), decode with many rows per KV head (prefill tile
+Covers: decode with split-KV (merged by its tiles, and by the merge kernel, each also with
+invalid metadata), decode with many rows per KV head (prefill tile
 shape), prefill with padding rows, q_len 0 requests and invalid metadata, fp8 pages, HND and
 combined layouts, head_dims 64 / 128 / 256, page size 5 (division path), and append_kv.
 Run it under the sanitizer with XLA_PYTHON_CLIENT_PREALLOCATE=false (scripts/gpu_check.sh
@@ -55,7 +56,22 @@ def print_buffers(label, named):
 _ATTN_NAMES = ["q", "k_pages", "v_pages", "block_tables", "seq_lens", "cu_seqlens_q"]
 
 
-def run_attention(case, mutate=None):
+def run_attention(case, mutate=None, env=None):
+    """One call of the case's op; `env`: launcher switches set while it is lowered (each
+    call here has its own shapes, so its own executable)."""
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        _run_attention(case, mutate)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _run_attention(case, mutate):
     inp = cases.make_inputs(case)
     args = [put(a) for a in inp.args]
     if mutate is not None:
@@ -87,9 +103,19 @@ def run_attention(case, mutate=None):
 
 def main():
     A = cases.AttnCase
-    # decode, long enough for several KV splits (merge kernel), GQA 4
+    # decode, long enough for several KV splits (merged by the tiles' last CTA), GQA 4
     run_attention(A(kind="decode", batch=2, num_kv_heads=2, group=4, head_dim=128,
                     page_size=16, q_dtype="bf16", kv_dtype="bf16", max_kv_len=1500, seed=1))
+    # split decode with an invalid request and sinks, merged by the tiles and by the merge
+    # kernel (JPA_CUDA_FUSED_MERGE=0)
+    def bad_split(bt, sl):
+        sl[0] = bt.shape[1] * 16  # the table's capacity (>= 1800 keys): page 50 is needed
+        bt[0, 50] = 10**6
+    for fused, d in (("1", 64), ("0", 128)):
+        run_attention(A(kind="decode", batch=3, num_kv_heads=2, group=4, head_dim=d,
+                        page_size=16, q_dtype="bf16", kv_dtype="bf16", max_kv_len=1800,
+                        sinks=True, seed=10 + d), mutate=bad_split,
+                      env={"JPA_CUDA_FUSED_MERGE": fused})
     # decode with invalid metadata (page index out of range, seq_len past capacity)
     def bad_decode(bt, sl):
         bt[1, 0] = 10**6

@@ -310,6 +310,39 @@ def test_decode_invalid_metadata_nan_rows_with_splits():
     check(_corrupt(base, mutate), expect_invalid={1, 2, 3, 4, 5})
 
 
+@on_shard(3)
+@pytest.mark.parametrize("fused", ["1", "0"])
+def test_split_decode_merged_by_its_tiles_or_a_merge_launch(fused, monkeypatch):
+    """Split decode (8 requests x 4 KV heads, 6k-12k keys: many splits) merges its partial
+    states in the last tile CTA of each (request, KV head) by default, or in a merge launch
+    with JPA_CUDA_FUSED_MERGE=0: both pass check() with sinks, q_len 2 and two invalid
+    requests (their splits' NaN lse must reach the merging CTA), and the merge kernel runs
+    only when it is launched."""
+    profiler = pytest.importorskip("jax.experimental.mosaic.gpu.profiler")
+    monkeypatch.setenv("JPA_CUDA_FUSED_MERGE", fused)
+    _poisoned_fn.cache_clear()  # fresh executables, lowered with the switch
+    try:
+        base = make_big("decode", batch=8, hkv=4, group=4, d=128, ps=16, max_kv=12000,
+                        min_kv=6000, n=2, sinks=True, seed=23)
+        P = base.num_pages
+
+        def mutate(bt, sl, cu):
+            bt[2, 300] = P    # a page deep inside the sequence: one split sees it
+            sl[5] = -1
+
+        bad = _corrupt(base, mutate)
+        check(bad, expect_invalid={2, 5})
+        args = [_on_gpu(a) for a in bad.args]
+        akw, static = _split_kwargs(bad.kwargs)
+        f = jax.jit(lambda *a: jpa.paged_decode(*a, **akw, **static))
+        _, per = profiler.measure(f, aggregate=False)(*args)
+        names = " ".join(name for name, _ in per)
+        assert "attn_tile_kernel" in names, names
+        assert ("attn_merge_kernel" in names) == (fused == "0"), names
+    finally:
+        _poisoned_fn.cache_clear()
+
+
 @on_shard(1)
 def test_decode_invalid_page_only_outside_window_is_fine():
     base = make_big("decode", batch=3, hkv=2, group=4, d=64, ps=16, max_kv=3000, min_kv=2000,

@@ -21,8 +21,14 @@ def _align(x):
     return -(-x // 256) * 256
 
 
-def _split(s, rows, d):
+def _partials(s, rows, d):
     return 0 if s <= 1 else _align(s * rows * 4) + _align(s * rows * d * 4)
+
+
+def _split(s, rows, d, batch, hkv):
+    # with splits: the fused merge's arrival counts (int32 per request and KV head), then
+    # the partial lse and outputs
+    return 0 if s <= 1 else _align(batch * hkv * 4) + _partials(s, rows, d)
 
 
 def test_no_splits_possible_means_request_metadata_only():
@@ -40,11 +46,11 @@ def test_long_single_request_reserves_the_most_splits():
     # (and by 32768 / 256 = 128 keys-per-split): 64 splits of [T*Hq] lse and [T*Hq*D] out.
     got = ws_bytes(num_tokens=1, num_q_heads=32, num_kv_heads=8, head_dim=128, batch=1,
                    max_pages_per_req=2048, page_size=16, max_q_len=1)
-    assert got == _align(META) + _split(64, 32, 128)
+    assert got == _align(META) + _split(64, 32, 128, 1, 8)
     # keys cap the splits: 1024 keys / 256 = 4
     got = ws_bytes(num_tokens=1, num_q_heads=32, num_kv_heads=8, head_dim=128, batch=1,
                    max_pages_per_req=64, page_size=16, max_q_len=1)
-    assert got == _align(META) + _split(4, 32, 128)
+    assert got == _align(META) + _split(4, 32, 128, 1, 8)
 
 
 def test_partials_never_take_more_than_512_mib():
@@ -53,8 +59,8 @@ def test_partials_never_take_more_than_512_mib():
     rows, d = 1024 * 64, 256
     got = ws_bytes(num_tokens=1024, num_q_heads=64, num_kv_heads=8, head_dim=d, batch=1,
                    max_pages_per_req=4096, page_size=16, max_q_len=1)
-    fits = max(s for s in range(2, 65) if _split(s, rows, d) <= 512 << 20)
-    assert got == _align(META) + _split(fits, rows, d)
+    fits = max(s for s in range(2, 65) if _partials(s, rows, d) <= 512 << 20)
+    assert got == _align(META) + _split(fits, rows, d, 1, 8)
 
 
 @pytest.mark.parametrize("op", ["decode", "prefill"])

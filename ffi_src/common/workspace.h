@@ -7,8 +7,10 @@
 // and never more than this workspace holds. Written once, here, for both sides; plain C++
 // (no CUDA headers) because a CPU-only build lowers for CUDA too.
 //
-// Layout: [ReqMeta x batch][partial lse: S x T x Hq f32][partial out: S x T x Hq x D f32],
-// each region aligned to kWsAlign bytes.
+// Layout: [ReqMeta x batch], then with S > 1 splits [arrival counts: batch x Hkv int32]
+// [partial lse: S x T x Hq f32][partial out: S x T x Hq x D f32], each region aligned to
+// kWsAlign bytes. The counts serve the fused merge of split decode (the launcher zeroes them
+// before the tiles; the last split CTA of each (request, KV head) merges its rows).
 #pragma once
 
 #include <cstdint>
@@ -51,6 +53,10 @@ JPA_HD int64_t meta_bytes(int64_t batch) {
   return align_up((batch > 0 ? batch : 1) * int64_t(sizeof(ReqMeta)), kWsAlign);
 }
 
+JPA_HD int64_t count_bytes(int64_t batch, int64_t num_kv_heads) {
+  return align_up((batch > 0 ? batch : 1) * num_kv_heads * 4, kWsAlign);
+}
+
 JPA_HD int64_t split_bytes(int64_t splits, int64_t rows, int64_t head_dim) {
   return splits <= 1 ? 0
                      : align_up(splits * rows * 4, kWsAlign) +
@@ -82,7 +88,9 @@ inline int64_t attention_workspace_bytes(int64_t num_tokens, int64_t num_q_heads
   int64_t splits = splits_upper_bound(num_q_heads, num_kv_heads, batch, max_pages_per_req,
                                       page_size, max_q_len);
   while (splits > 1 && split_bytes(splits, rows, head_dim) > kMaxSplitBytes) --splits;
-  return meta_bytes(batch) + split_bytes(splits, rows, head_dim);
+  return meta_bytes(batch) +
+         (splits > 1 ? count_bytes(batch, num_kv_heads) + split_bytes(splits, rows, head_dim)
+                     : 0);
 }
 
 }  // namespace ws

@@ -195,7 +195,10 @@ cudaError_t PlanAttention(const AttnParams& p, AttnPlan* plan) {
   if (s_hi > cap_splits) s_hi = cap_splits;
   if (s_hi > cuda::kMaxSplits) s_hi = cuda::kMaxSplits;
   const int64_t rows = p.num_tokens * p.num_q_heads;
-  while (s_hi > 1 && meta_bytes + ws::split_bytes(s_hi, rows, D) > p.workspace_bytes) --s_hi;
+  const int64_t count_bytes = ws::count_bytes(B, Hkv);
+  while (s_hi > 1 &&
+         meta_bytes + count_bytes + ws::split_bytes(s_hi, rows, D) > p.workspace_bytes)
+    --s_hi;
   auto wave_fill = [&](int64_t s) {
     const double w = double(base * s) / double(slots);
     const double full = w < 1.0 ? 1.0 : std::ceil(w);
@@ -212,6 +215,13 @@ cudaError_t PlanAttention(const AttnParams& p, AttnPlan* plan) {
   }
   if (splits > 1) {
     char* ws = static_cast<char*>(p.workspace) + meta_bytes;
+    // Decode with the 16-row shape merges its splits in its tiles (one row block per request
+    // and KV head, so one count each) unless the fused_merge switch is off, or one row's
+    // partials do not fit the tile's shared memory (merge_row.cuh).
+    const int64_t staged_row = (splits * D + splits + 1) * 4;
+    if (L.fused_checks && p.launch.fused_merge && staged_row <= ti.smem_bytes)
+      L.merge_count = reinterpret_cast<int32_t*>(ws);
+    ws += count_bytes;
     L.part_lse = reinterpret_cast<float*>(ws);
     L.part_out = reinterpret_cast<float*>(ws + cuda::align_up(splits * rows * 4, cuda::kWsAlign));
   }
@@ -248,18 +258,23 @@ cudaError_t PlanAttention(const AttnParams& p, AttnPlan* plan) {
 }
 
 // Runs a plan: prepare (unless the tiles check their own requests) -> tiles -> merge (split
-// mode). Only launches: graph-capture safe.
+// mode, unless the tiles merge). Only launches and a memset of the arrival counts (a memset
+// node under capture): graph-capture safe.
 cudaError_t LaunchPlanned(const AttnPlan& plan, cudaStream_t stream) {
   const AttnLaunch& L = plan.L;
   if (plan.prepare_only) return cuda::launch_attn_prepare(L, stream);
   if (plan.grid.x == 0) return cudaSuccess;
   if (!L.fused_checks) JPA_CUDA_TRY(cuda::launch_attn_prepare(L, stream));
+  if (L.merge_count != nullptr)
+    JPA_CUDA_TRY(cudaMemsetAsync(L.merge_count, 0,
+                                 size_t(L.p.batch * L.p.kv.num_heads) * sizeof(int32_t), stream));
   JPA_CUDA_TRY(tiles_for(plan.family, L.p.head_dim, &L, plan.shape, L.p.kv.dtype, nullptr,
                          plan.grid, stream));
   if (plan.small_launch)
     JPA_CUDA_TRY(tiles_for(cuda::Family::kSm80, L.p.head_dim, &plan.L_small,
                            cuda::kShapeDecode, L.p.kv.dtype, nullptr, plan.grid_small, stream));
-  if (L.num_splits > 1) JPA_CUDA_TRY(cuda::launch_attn_merge(L, stream));
+  if (L.num_splits > 1 && L.merge_count == nullptr)
+    JPA_CUDA_TRY(cuda::launch_attn_merge(L, stream));
   return cudaSuccess;
 }
 

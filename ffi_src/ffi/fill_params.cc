@@ -160,12 +160,13 @@ ffi::Error FillAttentionParams(const AttentionBuffers& b, const AttentionAttrs& 
   p->softcap = a.softcap;
   auto is_bit = [](int64_t x) { return x == 0 || x == 1; };
   if (!is_bit(a.launch_family) || !is_bit(a.launch_mixed) || !is_bit(a.launch_longest_first) ||
-      (a.launch_tile_rows != 0 && a.launch_tile_rows != 64 && a.launch_tile_rows != 128))
+      !is_bit(a.launch_fused_merge) || (a.launch_tile_rows != 0 && a.launch_tile_rows != 64 && a.launch_tile_rows != 128))
     return Invalid("launch switches out of range (launch_options.py writes them)");
   p->launch.force_sm80 = a.launch_family == 1;
   p->launch.mixed_split = a.launch_mixed == 1;
   p->launch.tile_rows = static_cast<int>(a.launch_tile_rows);
   p->launch.longest_first = a.launch_longest_first == 1;
+  p->launch.fused_merge = a.launch_fused_merge == 1;
   if (a.window_left < -1) return Invalid("window_left must be >= -1");
   p->window_left = a.window_left;
 

@@ -32,6 +32,7 @@
 #include "../cuda_utils.cuh"
 #include "../tile_families.h"
 #include "../kernel_runner.cuh"
+#include "../merge_row.cuh"
 #include "../tile_work.cuh"
 
 namespace jpa {
@@ -317,6 +318,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinCtasPerSm) attn_tile_k
     meta = L.meta[b];
     if (meta.status != kReqValid) return;  // the prepare kernel wrote its NaN rows
   }
+  // (Never taken by fused-checks decode, whose every split CTA must reach finish_split.)
   if (meta.q_len == 0 || rb * BM >= meta.q_len * G || !serves_rows(L, meta.q_len * G)) return;
   // The block's rows, positions and this split's keys (tile_work.cuh, shared with sm90).
   const TileWork w = tile_work<BM, BN>(p, meta, G, rb, split, S);
@@ -345,8 +347,25 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinCtasPerSm) attn_tile_k
       }
     }
   };
+  // Fused merge (L.merge_count, decode shape only): after its partials are written, a split
+  // CTA counts itself in for its (request, KV head); the one that completes the count merges
+  // the group's rows (merge_row.cuh; shared memory is free by then). The fences order every
+  // thread's partial stores before the count, and the count before the merging CTA's loads.
+  auto finish_split = [&]() {
+    if constexpr (WM == 1) {
+      if (L.merge_count == nullptr) return;
+      __threadfence();
+      // The group's count by its CTAs' blockIdx.y (b itself may be a longest-first rank's
+      // request), re-read rather than kept live through the key loop.
+      int32_t* count = L.merge_count + int64_t(blockIdx.y) * p.kv.num_heads + blockIdx.x / S;
+      if (!__syncthreads_or(tid == 0 && atomicAdd(count, 1) == S - 1)) return;
+      __threadfence();
+      merge_rows_staged<D, NT>(L, smem, Cfg::kSmemBytes, meta.row_begin, kvh, r0, r_end - r0);
+    }
+  };
   if (meta.status != kReqValid) {  // fused checks only (uniform over the CTA)
     write_invalid();
+    if (S > 1) finish_split();
     return;
   }
 
@@ -548,6 +567,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinCtasPerSm) attn_tile_k
   cp_async_wait<0>();
   if (__syncthreads_or(bad_page)) {  // only possible with fused checks
     write_invalid();
+    if (S > 1) finish_split();
     return;
   }
   float* red_o = reinterpret_cast<float*>(smem + Cfg::kQBytes);
@@ -622,6 +642,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinCtasPerSm) attn_tile_k
       if (c4 == 0) L.part_lse[prow] = rs.lse;
     }
   }
+  if (S > 1) finish_split();
 }
 
 // Launch helpers for one configuration (kernel_runner.cuh); info() is cached per device by
