@@ -4,8 +4,9 @@ the XLA reference, side by side in one run, with the read ceiling measured in th
     python benchmarks/bench_decode.py [--quick] [--extra] [--impls ours,cudnn,pallas,xla]
                                       [--out DIR] [--cpu-smoke]
 
-"ours-merge-launch" (not in the default list) is ours with the split merge in a launch of
-its own (JPA_CUDA_FUSED_MERGE=0) instead of in the tiles: the A/B of the fused merge.
+"ours-fused-merge" (not in the default list) is ours with split decode merged by its last
+tile CTA per (request, KV head) instead of a merge launch (JPA_CUDA_FUSED_MERGE=1): the A/B
+of that experimental path.
 
 Grid (DESIGN.md §5): Hq=32 Hkv=8 D=128 page 16 bf16 at (B, L) = (1, 32k), (8, 8k), (32, 4k),
 (128, 2k), (256, 1k), plus B=1 L=4096 (latency). --extra adds D=64/256, page 64, Hq=64,
@@ -38,11 +39,11 @@ C.add_tests_to_path()
 import cases  # noqa: E402
 import device_inputs as DI  # noqa: E402
 
-IMPLS = ("ours", "ours-merge-launch", "cudnn", "pallas", "xla")
+IMPLS = ("ours", "ours-fused-merge", "cudnn", "pallas", "xla")
 DEFAULT_IMPLS = ("ours", "cudnn", "pallas", "xla")
 # Rows that differ from ours only by the launcher's switches (set around the row's whole
 # build / compile / time by run_impl).
-IMPL_ENV = {"ours-merge-launch": {"JPA_CUDA_FUSED_MERGE": "0"}}
+IMPL_ENV = {"ours-fused-merge": {"JPA_CUDA_FUSED_MERGE": "1"}}
 # rel L2 above this (bf16 data) is flagged: a bf16 output alone gives ~4e-3.
 REL_TOL = 2e-2
 
@@ -179,10 +180,10 @@ def build_ours(pt: Point, sets: list[InputSet], name: str = "ours") -> list[Buil
     return _build_jpa_style(name, jpa.paged_decode, pt, sets)
 
 
-def build_ours_merge_launch(pt: Point, sets: list[InputSet]) -> list[Built]:
+def build_ours_fused_merge(pt: Point, sets: list[InputSet]) -> list[Built]:
     if jax.devices()[0].platform != "gpu":
         raise C.Unsupported("the merge switch is the CUDA launcher's")
-    return build_ours(pt, sets, "ours-merge-launch")
+    return build_ours(pt, sets, "ours-fused-merge")
 
 
 def build_xla(pt: Point, sets: list[InputSet]) -> list[Built]:
@@ -280,7 +281,7 @@ def build_pallas(pt: Point, sets: list[InputSet]) -> list[Built]:
     return variants
 
 
-BUILDERS = {"ours": build_ours, "ours-merge-launch": build_ours_merge_launch,
+BUILDERS = {"ours": build_ours, "ours-fused-merge": build_ours_fused_merge,
             "cudnn": build_cudnn, "pallas": build_pallas, "xla": build_xla}
 
 

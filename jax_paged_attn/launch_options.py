@@ -13,8 +13,9 @@ lowered with. A value outside the ones below is a ValueError at trace time.
                            requests (docs/cuda_kernels.md); "" / "0": off
     JPA_CUDA_TILE_ROWS     benchmarking knob: "64" or "128" force a prefill tile shape
     JPA_CUDA_LONGEST_FIRST benchmarking knob: "0" keeps decode CTAs in batch order
-    JPA_CUDA_FUSED_MERGE   benchmarking knob: "0" merges split decode in a launch of its own
-                           instead of in the last split CTA of each row group
+    JPA_CUDA_FUSED_MERGE   experimental: "1" merges split decode in the last split CTA of
+                           each (request, KV head) instead of in a merge launch (measured
+                           slower on the H200: benchmarks/RESULTS.md, run 8); "" / "0": off
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ SWITCHES = {
     "launch_mixed": ("JPA_CUDA_MIXED", {"": 0, "0": 0, "1": 1}),
     "launch_tile_rows": ("JPA_CUDA_TILE_ROWS", {"": 0, "64": 64, "128": 128}),
     "launch_longest_first": ("JPA_CUDA_LONGEST_FIRST", {"": 1, "1": 1, "0": 0}),
-    "launch_fused_merge": ("JPA_CUDA_FUSED_MERGE", {"": 1, "1": 1, "0": 0}),
+    "launch_fused_merge": ("JPA_CUDA_FUSED_MERGE", {"": 0, "0": 0, "1": 1}),
 }
 
 

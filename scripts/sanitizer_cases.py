@@ -103,7 +103,7 @@ def _run_attention(case, mutate):
 
 def main():
     A = cases.AttnCase
-    # decode, long enough for several KV splits (merged by the tiles' last CTA), GQA 4
+    # decode, long enough for several KV splits (merge kernel), GQA 4
     run_attention(A(kind="decode", batch=2, num_kv_heads=2, group=4, head_dim=128,
                     page_size=16, q_dtype="bf16", kv_dtype="bf16", max_kv_len=1500, seed=1))
     # split decode with an invalid request and sinks, merged by the tiles and by the merge

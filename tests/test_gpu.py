@@ -314,8 +314,8 @@ def test_decode_invalid_metadata_nan_rows_with_splits():
 @pytest.mark.parametrize("fused", ["1", "0"])
 def test_split_decode_merged_by_its_tiles_or_a_merge_launch(fused, monkeypatch):
     """Split decode (8 requests x 4 KV heads, 6k-12k keys: many splits) merges its partial
-    states in the last tile CTA of each (request, KV head) by default, or in a merge launch
-    with JPA_CUDA_FUSED_MERGE=0: both pass check() with sinks, q_len 2 and two invalid
+    states in a merge launch by default, or in the last tile CTA of each (request, KV head)
+    with JPA_CUDA_FUSED_MERGE=1: both pass check() with sinks, q_len 2 and two invalid
     requests (their splits' NaN lse must reach the merging CTA), and the merge kernel runs
     only when it is launched."""
     profiler = pytest.importorskip("jax.experimental.mosaic.gpu.profiler")

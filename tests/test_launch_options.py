@@ -46,7 +46,7 @@ def _switches(line):
 def test_unset_switches_lower_as_the_defaults(op):
     want = {k: int(v) for k, v in launch_options.defaults().items()}
     assert want == {"launch_family": 0, "launch_mixed": 0, "launch_tile_rows": 0,
-                    "launch_longest_first": 1, "launch_fused_merge": 1}
+                    "launch_longest_first": 1, "launch_fused_merge": 0}
     assert _switches(_lowered("cuda", op)) == want
     assert _switches(_lowered("cpu", op)) == want
 
@@ -56,10 +56,10 @@ def test_the_environment_at_lowering_sets_the_cuda_attributes(monkeypatch):
     monkeypatch.setenv("JPA_CUDA_MIXED", "1")
     monkeypatch.setenv("JPA_CUDA_TILE_ROWS", "64")
     monkeypatch.setenv("JPA_CUDA_LONGEST_FIRST", "0")
-    monkeypatch.setenv("JPA_CUDA_FUSED_MERGE", "0")
+    monkeypatch.setenv("JPA_CUDA_FUSED_MERGE", "1")
     assert _switches(_lowered("cuda")) == {"launch_family": 1, "launch_mixed": 1,
                                             "launch_tile_rows": 64, "launch_longest_first": 0,
-                                            "launch_fused_merge": 0}
+                                            "launch_fused_merge": 1}
     # the CPU kernels ignore the switches: their lowering does not read them
     assert _switches(_lowered("cpu"))["launch_family"] == 0
 

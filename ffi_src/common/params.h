@@ -40,7 +40,7 @@ struct LaunchSwitches {
   bool mixed_split = false;    // mixed batches: a 16-row-shape launch for the short requests
   int tile_rows = 0;           // 0: by the rows; 64 or 128 force a prefill tile shape
   bool longest_first = true;   // decode with fused checks: longest request first
-  bool fused_merge = true;     // split decode with fused checks: the tiles merge their splits
+  bool fused_merge = false;    // split decode with fused checks: the tiles merge their splits
 };
 
 struct AttnParams {

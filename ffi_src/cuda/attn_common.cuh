@@ -8,8 +8,8 @@
 //   2. attn tile kernel: one CTA per (KV split, KV head, request, block of packed query rows);
 //      the rows of a block are (token, query head of the group) pairs, so every K/V tile read
 //      serves the whole GQA group. Writes final rows, or per-split partial states.
-//   3. attn_merge (only with more than one split): combines the partial states; split decode
-//      with fused checks merges in its tiles instead (AttnLaunch::merge_count).
+//   3. attn_merge (only with more than one split): combines the partial states (split decode
+//      with fused checks can merge in its tiles instead: AttnLaunch::merge_count).
 // Decode with the 16-row tile shape skips step 1 (AttnLaunch::fused_checks): the tiles derive
 // their request's rows and validity, check page indices as they gather keys, and write NaN
 // rows (or NaN split lse, which the merge turns into NaN rows) for an invalid request.
@@ -44,7 +44,8 @@ struct AttnLaunch {
   ReqMeta* meta = nullptr;      // [batch]
   float* part_lse = nullptr;    // [splits, T, Hq] log2-domain lse of each split (split mode)
   float* part_out = nullptr;    // [splits, T, Hq, D] normalized partial outputs (split mode)
-  // Fused merge (split decode with fused checks): [batch, Hkv] arrival counts, zero before
+  // Fused merge (split decode with fused checks; experimental, JPA_CUDA_FUSED_MERGE=1):
+  // [batch, Hkv] arrival counts, zero before
   // the tiles. Each split CTA adds 1 to its (request, KV head) count after writing its
   // partials; the one that makes it S merges that group's rows (merge_row.cuh), so there is
   // no merge launch. Null: the merge kernel runs.

@@ -5,13 +5,18 @@
 // with M the largest split lse (and sink), lse = (M + log2 den) in natural log; a row whose
 // splits saw no key is 0 / -inf, one with a NaN split lse (an invalid request) NaN / NaN.
 //
-// Why staged: this runs in the tail of the kernel, after every other CTA of the group, so
-// its latency is the call's. A warp reading S partial rows from L2 with a few loads in
-// flight per lane takes several round trips (measured on the H200: ~3 us at S = 33, more
-// than the merge launch it replaces). Here every partial row of a chunk of rows is copied to
-// shared memory at once by cp.async (no registers held, one round trip), while the warps
-// compute the split weights from the lse; then the weighted sums read shared memory.
-// cp.async.cg and __ldcg read L2, where the other SMs' partials are (L1 is not coherent).
+// Experimental (JPA_CUDA_FUSED_MERGE=1; off by default): on the H200 it is slower than the
+// merge launch it replaces (run 8, 1 x 32768: 47.6 us against 40.3 us; an earlier version
+// with one warp per row and 8 loads in flight per lane: 41.9 us). This runs in the kernel's
+// tail, after every other CTA of the group, so its latency is the call's: the fences, the
+// count's round trip and the partials' reads all sit on the critical path. Not profiled yet;
+// the suspects are the per-thread __threadfence (MEMBAR.SC.GPU) in every split CTA and the
+// one SM pulling the group's S x rows x D partials alone.
+//
+// Staged: every partial row of a chunk of rows is copied to shared memory at once by
+// cp.async (no registers held), while the warps compute the split weights from the lse;
+// then the weighted sums read shared memory. cp.async.cg and __ldcg read L2, where the
+// other SMs' partials are (L1 is not coherent).
 #pragma once
 
 #include <cmath>

@@ -23,7 +23,7 @@ struct AttentionAttrs {
   // The CUDA launcher's switches (jax_paged_attn/launch_options.py; the CPU path ignores
   // them): kernel family (0 = the device's default, 1 = sm80), mixed-batch split launch,
   // forced prefill tile rows (0, 64, 128), longest request first (decode), split decode
-  // merged by its tile CTAs (1) or by a merge launch (0).
+  // merged by its tile CTAs (1, experimental) or by a merge launch (0).
   int64_t launch_family;
   int64_t launch_mixed;
   int64_t launch_tile_rows;
