@@ -49,7 +49,7 @@ struct AttnLaunch {
   // the tiles. Each split CTA adds 1 to its (request, KV head) count after writing its
   // partials; the one that makes it S merges that group's rows (merge_row.cuh), so there is
   // no merge launch. Null: the merge kernel runs.
-  int32_t* merge_count = nullptr;
+  int* merge_count = nullptr;
   int32_t group = 1;            // query heads per KV head
   int32_t num_splits = 1;
   int32_t row_blocks = 1;       // blocks of packed rows per (request, KV head)

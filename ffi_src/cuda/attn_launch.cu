@@ -217,11 +217,8 @@ cudaError_t PlanAttention(const AttnParams& p, AttnPlan* plan) {
     char* ws = static_cast<char*>(p.workspace) + meta_bytes;
     // With the fused_merge switch (experimental, off by default: slower on the H200, run 8),
     // decode with the 16-row shape merges its splits in its tiles (one row block per request
-    // and KV head, so one count each) when one row's partials fit the tile's shared memory
-    // (merge_row.cuh).
-    const int64_t staged_row = (splits * D + splits + 1) * 4;
-    if (L.fused_checks && p.launch.fused_merge && staged_row <= ti.smem_bytes)
-      L.merge_count = reinterpret_cast<int32_t*>(ws);
+    // and KV head, so one count each).
+    if (L.fused_checks && p.launch.fused_merge) L.merge_count = reinterpret_cast<int*>(ws);
     ws += count_bytes;
     L.part_lse = reinterpret_cast<float*>(ws);
     L.part_out = reinterpret_cast<float*>(ws + cuda::align_up(splits * rows * 4, cuda::kWsAlign));

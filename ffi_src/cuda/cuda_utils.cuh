@@ -91,6 +91,19 @@ __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int s
                : "memory");
 }
 
+// atomicAdd with acquire-release semantics at GPU scope: the release half orders the
+// caller's CTA's earlier writes (made visible to it by a preceding __syncthreads) before the
+// add; the acquire half orders the caller's later reads after it (other threads of the CTA
+// follow through a barrier). Lighter than __threadfence (fence.sc) in every thread.
+__device__ __forceinline__ int atomic_add_acq_rel_gpu(int* p, int v) {
+  int old;
+  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;\n"
+               : "=r"(old)
+               : "l"(p), "r"(v)
+               : "memory");
+  return old;
+}
+
 __device__ __forceinline__ void cp_async_commit() {
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 }

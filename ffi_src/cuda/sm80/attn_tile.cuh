@@ -347,20 +347,21 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinCtasPerSm) attn_tile_k
       }
     }
   };
-  // Fused merge (L.merge_count, decode shape only): after its partials are written, a split
-  // CTA counts itself in for its (request, KV head); the one that completes the count merges
-  // the group's rows (merge_row.cuh; shared memory is free by then). The fences order every
-  // thread's partial stores before the count, and the count before the merging CTA's loads.
+  // Fused merge (L.merge_count, decode shape only; experimental): after its partials are
+  // written, a split CTA counts itself in for its (request, KV head); the one that completes
+  // the count merges the group's rows (merge_row.cuh). The barrier makes every thread's
+  // partial stores precede thread 0's acquire-release add; the add precedes the merging
+  // CTA's loads (its other threads follow through the barrier of __syncthreads_or).
   auto finish_split = [&]() {
     if constexpr (WM == 1) {
       if (L.merge_count == nullptr) return;
-      __threadfence();
       // The group's count by its CTAs' blockIdx.y (b itself may be a longest-first rank's
       // request), re-read rather than kept live through the key loop.
-      int32_t* count = L.merge_count + int64_t(blockIdx.y) * p.kv.num_heads + blockIdx.x / S;
-      if (!__syncthreads_or(tid == 0 && atomicAdd(count, 1) == S - 1)) return;
-      __threadfence();
-      merge_rows_staged<D, NT>(L, smem, Cfg::kSmemBytes, meta.row_begin, kvh, r0, r_end - r0);
+      int* count = L.merge_count + int64_t(blockIdx.y) * p.kv.num_heads + blockIdx.x / S;
+      __syncthreads();
+      if (!__syncthreads_or(tid == 0 && atomic_add_acq_rel_gpu(count, 1) == S - 1)) return;
+      constexpr int kMaxRegs = 65536 / (NT * Cfg::kMinCtasPerSm);  // __launch_bounds__' cap
+      merge_group_rows<D, NT, kMaxRegs>(L, meta.row_begin, kvh, r0, r_end - r0);
     }
   };
   if (meta.status != kReqValid) {  // fused checks only (uniform over the CTA)
