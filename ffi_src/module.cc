@@ -33,8 +33,9 @@ NB_MODULE(_jpa_ffi, m) {
   m.def("attention_workspace_bytes", &jpa::ws::attention_workspace_bytes,
         nb::arg("num_tokens"), nb::arg("num_q_heads"), nb::arg("num_kv_heads"),
         nb::arg("head_dim"), nb::arg("batch"), nb::arg("max_pages_per_req"),
-        nb::arg("page_size"), nb::arg("max_q_len"),
-        "Bytes of the workspace output of a CUDA decode / prefill call (never zero).");
+        nb::arg("page_size"), nb::arg("max_q_len"), nb::arg("mixed_split") = false,
+        "Bytes of the workspace output of a CUDA decode / prefill call (never zero); "
+        "mixed_split: a prefill call lowered with the mixed split launch.");
   m.def("gpu_shape_limit",
         [](int64_t num_tokens, int64_t num_q_heads, int64_t group, int64_t head_dim,
            int64_t batch, int64_t max_pages_per_req, int64_t page_size, int64_t max_q_len) {

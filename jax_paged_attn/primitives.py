@@ -109,19 +109,21 @@ def _cuda_attention_lowering(name):
         if why:
             raise ValueError(f"jax_paged_attn: {why} on the GPU (shapes: q {params['q_shape']},"
                              f" block_tables {tuple(bt.shape)}, page_size {page_size})")
+        # The launcher's switches as the environment sets them now (launch_options.py).
+        switches = launch_options.from_environment()
         # The size is the extension's (ffi_src/common/workspace.h, shared with the launcher):
         # the Python side never re-derives the kernels' tiling.
         nbytes = _registry.extension().attention_workspace_bytes(
             num_tokens=t, num_q_heads=hq, num_kv_heads=num_kv_heads, head_dim=d,
             batch=bt.shape[0], max_pages_per_req=bt.shape[1], page_size=page_size,
-            max_q_len=params["max_q_len"])
+            max_q_len=params["max_q_len"],
+            mixed_split=name.endswith("prefill") and bool(switches["launch_mixed"]))
         # The split-KV workspace is an extra XLA-allocated output (CUDA-graph safe), hidden
         # from the primitive's results.
         ws = compat.ShapedArray((int(nbytes),), np.dtype(np.uint8))
         wctx = compat.replace_avals_out(ctx, [*ctx.avals_out, ws])
-        # The launcher's switches as the environment sets them now (launch_options.py).
         results = compat.ffi_lowering(name)(wctx, *operands, **_attention_attrs(**params),
-                                            **launch_options.from_environment())
+                                            **switches)
         return results[:2]
     return rule
 

@@ -2,7 +2,8 @@
 initcheck).
 
 Covers: decode with split-KV (merged by its tiles, and by the merge kernel, each also with
-invalid metadata), decode with many rows per KV head (prefill tile
+invalid metadata), a mixed batch with the mixed split launch, decode with many rows per KV
+head (prefill tile
 shape), prefill with padding rows, q_len 0 requests and invalid metadata, fp8 pages, HND and
 combined layouts, head_dims 64 / 128 / 256, page size 5 (division path), and append_kv.
 Run it under the sanitizer with XLA_PYTHON_CLIENT_PREALLOCATE=false (scripts/gpu_check.sh
@@ -136,6 +137,12 @@ def main():
     run_attention(A(kind="prefill", batch=3, num_kv_heads=2, group=2, head_dim=64,
                     page_size=5, q_dtype="f16", kv_dtype="fp8", k_scale=0.7, v_scale=0.9,
                     causal=False, window_left=9, max_q_len=40, max_kv_len=120, seed=5))
+    # a mixed batch (q_len 1-3 at G 8: 8-24 packed rows) with the mixed split launch: the
+    # 16-row launch's own splits (compact partials, merged by its tiles) beside the
+    # prefill-shape launch
+    run_attention(A(kind="prefill", batch=6, num_kv_heads=2, group=8, head_dim=128,
+                    page_size=16, q_dtype="bf16", kv_dtype="bf16", max_q_len=3,
+                    max_kv_len=1500, sinks=True, seed=12), env={"JPA_CUDA_MIXED": "1"})
     # prefill with invalid metadata and a long KV (splits in prefill)
     def bad_prefill(bt, sl):
         sl[0] = 0  # seq_len < q_len

@@ -343,6 +343,27 @@ def test_split_decode_merged_by_its_tiles_or_a_merge_launch(fused, monkeypatch):
         _poisoned_fn.cache_clear()
 
 
+@on_shard(6)
+def test_mixed_split_launch_splits_long_decode_rows(monkeypatch):
+    """JPA_CUDA_MIXED=1 on a mixed batch whose short requests (q_len 1-2) have contexts up to
+    6k keys: the 16-row launch splits their keys with its own count (compact partials in the
+    workspace's small region, merged by its tiles) while the prefill-shape launch serves the
+    chunks (with splits of its own, merged by the merge launch, which skips the short
+    requests). check() with sinks and one invalid short request."""
+    monkeypatch.setenv("JPA_CUDA_MIXED", "1")
+    _poisoned_fn.cache_clear()  # fresh executables, lowered with the switch
+    try:
+        base = make_big("prefill", batch=6, hkv=4, group=4, d=128, ps=16,
+                        q_lens=[1, 300, 1, 2, 1, 64], max_kv=6000, sinks=True, seed=31)
+
+        def mutate(bt, sl, cu):
+            sl[4] = 0  # seq_len < q_len
+
+        check(_corrupt(base, mutate), expect_invalid={4})
+    finally:
+        _poisoned_fn.cache_clear()
+
+
 @on_shard(1)
 def test_decode_invalid_page_only_outside_window_is_fine():
     base = make_big("decode", batch=3, hkv=2, group=4, d=64, ps=16, max_kv=3000, min_kv=2000,

@@ -82,3 +82,37 @@ def test_cuda_lowering_carries_the_extensions_size(op):
                     max_pages_per_req=M, page_size=ps, max_q_len=mq)
     assert sizes == [str(want)], line
     assert want > _align(T * META)          # this shape does split
+
+
+def test_the_mixed_split_launch_reserves_its_own_region():
+    # A prefill call lowered with JPA_CUDA_MIXED=1: the short requests' 16-row launch gets
+    # its own splits (as decode would: 9 requests x 8 KV heads = 72 CTAs, so ceil(2048 / 72)
+    # = 29 splits, under the 64 cap and 8192 / 256 keys) and region: arrival counts, then
+    # partials of 16 packed rows per (request, KV head).
+    kw = dict(num_tokens=600, num_q_heads=32, num_kv_heads=8, head_dim=128, batch=9,
+              max_pages_per_req=512, page_size=16, max_q_len=512)
+    plain = ws_bytes(**kw)
+    assert ws_bytes(**kw, mixed_split=True) - plain == _split(29, 9 * 8 * 16, 128, 9, 8)
+    # no region where there is no second launch: every request fits the 16-row shape, or a
+    # group of 32 query heads does not
+    assert ws_bytes(**{**kw, "max_q_len": 4}, mixed_split=True) == ws_bytes(**{**kw, "max_q_len": 4})
+    g32 = {**kw, "num_q_heads": 256}
+    assert ws_bytes(**g32, mixed_split=True) == ws_bytes(**g32)
+
+
+def test_the_cuda_lowering_sizes_the_mixed_region_by_the_switch(monkeypatch):
+    T, hq, hkv, d, P, ps, M, B = 40, 16, 4, 64, 90, 16, 64, 5
+    q = jax.ShapeDtypeStruct((T, hq, d), jnp.bfloat16)
+    kp = jax.ShapeDtypeStruct((P, ps, hkv, d), jnp.bfloat16)
+    args = (q, kp, kp, jax.ShapeDtypeStruct((B, M), jnp.int32),
+            jax.ShapeDtypeStruct((B,), jnp.int32), jax.ShapeDtypeStruct((B + 1,), jnp.int32))
+    kw = dict(num_tokens=T, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, batch=B,
+              max_pages_per_req=M, page_size=ps, max_q_len=32)
+    for value, mixed in (("", False), ("1", True)):
+        monkeypatch.setenv("JPA_CUDA_MIXED", value)
+        text = jax.jit(lambda *a: jpa.paged_prefill(*a, max_q_len=32)).trace(*args).lower(
+            lowering_platforms=("cuda",)).as_text()
+        line = next(l for l in text.splitlines() if "custom_call @jpa_paged_prefill" in l)
+        sizes = re.findall(r"tensor<(\d+)xui8>", line.split("->")[-1])
+        assert sizes == [str(ws_bytes(**kw, mixed_split=mixed))], line
+    assert ws_bytes(**kw, mixed_split=True) > ws_bytes(**kw)

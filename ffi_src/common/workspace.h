@@ -79,18 +79,61 @@ inline int64_t splits_upper_bound(int64_t num_q_heads, int64_t num_kv_heads, int
   return splits < 1 ? 1 : splits;
 }
 
-// Bytes of the workspace output of a CUDA decode / prefill call (never zero).
+// Mixed batches with the mixed split launch (JPA_CUDA_MIXED=1; prefill calls whose requests
+// may have more than 16 packed rows, with G <= 16): the 16-row launch serving the short
+// requests has its own split count and its own region after the rest:
+// [counts: B x Hkv int32][lse: S x B x Hkv x 16 f32][out: S x B x Hkv x 16 x D f32], one
+// partial row per (split, request, KV head, packed row) whatever the request's tokens.
+constexpr int64_t kSmallBlockRows = kBlockRows[0];
+
+JPA_HD bool has_small_region(bool mixed_split, int64_t num_q_heads, int64_t num_kv_heads,
+                             int64_t max_q_len) {
+  const int64_t G = num_kv_heads > 0 ? num_q_heads / num_kv_heads : 0;
+  return mixed_split && G >= 1 && G <= kSmallBlockRows && max_q_len * G > kSmallBlockRows;
+}
+
+JPA_HD int64_t small_rows(int64_t batch, int64_t num_kv_heads) {
+  return (batch > 0 ? batch : 1) * num_kv_heads * kSmallBlockRows;
+}
+
+JPA_HD int64_t small_region_bytes(int64_t splits, int64_t batch, int64_t num_kv_heads,
+                                  int64_t head_dim) {
+  return splits <= 1 ? 0
+                     : count_bytes(batch, num_kv_heads) +
+                           split_bytes(splits, small_rows(batch, num_kv_heads), head_dim);
+}
+
+// The most splits of `rows` partial rows under kMaxSplitBytes, from `splits` down.
+inline int64_t splits_that_fit(int64_t splits, int64_t rows, int64_t head_dim) {
+  while (splits > 1 && split_bytes(splits, rows, head_dim) > kMaxSplitBytes) --splits;
+  return splits;
+}
+
+// Bytes of the workspace output of a CUDA decode / prefill call (never zero). mixed_split:
+// the call is a prefill lowered with the mixed split launch.
 inline int64_t attention_workspace_bytes(int64_t num_tokens, int64_t num_q_heads,
                                          int64_t num_kv_heads, int64_t head_dim,
                                          int64_t batch, int64_t max_pages_per_req,
-                                         int64_t page_size, int64_t max_q_len) {
+                                         int64_t page_size, int64_t max_q_len,
+                                         bool mixed_split = false) {
   const int64_t rows = num_tokens * num_q_heads;
-  int64_t splits = splits_upper_bound(num_q_heads, num_kv_heads, batch, max_pages_per_req,
-                                      page_size, max_q_len);
-  while (splits > 1 && split_bytes(splits, rows, head_dim) > kMaxSplitBytes) --splits;
-  return meta_bytes(batch) +
-         (splits > 1 ? count_bytes(batch, num_kv_heads) + split_bytes(splits, rows, head_dim)
-                     : 0);
+  const int64_t splits = splits_that_fit(
+      splits_upper_bound(num_q_heads, num_kv_heads, batch, max_pages_per_req, page_size,
+                         max_q_len),
+      rows, head_dim);
+  int64_t bytes = meta_bytes(batch) +
+                  (splits > 1 ? count_bytes(batch, num_kv_heads) +
+                                    split_bytes(splits, rows, head_dim)
+                              : 0);
+  if (has_small_region(mixed_split, num_q_heads, num_kv_heads, max_q_len)) {
+    // The short requests' launch: one row block per request and KV head (max_q_len 1 gives
+    // that base).
+    const int64_t small = splits_that_fit(
+        splits_upper_bound(num_q_heads, num_kv_heads, batch, max_pages_per_req, page_size, 1),
+        small_rows(batch, num_kv_heads), head_dim);
+    bytes += small_region_bytes(small, batch, num_kv_heads, head_dim);
+  }
+  return bytes;
 }
 
 }  // namespace ws

@@ -44,6 +44,9 @@ struct AttnLaunch {
   ReqMeta* meta = nullptr;      // [batch]
   float* part_lse = nullptr;    // [splits, T, Hq] log2-domain lse of each split (split mode)
   float* part_out = nullptr;    // [splits, T, Hq, D] normalized partial outputs (split mode)
+  // The mixed split launch's short requests (rows_class kRowsSmall): partials indexed
+  // [splits, B, Hkv, kSmallRows] by packed row instead of [splits, T, Hq] (workspace.h).
+  bool compact_parts = false;
   // Fused merge (split decode with fused checks; experimental, JPA_CUDA_FUSED_MERGE=1):
   // [batch, Hkv] arrival counts, zero before
   // the tiles. Each split CTA adds 1 to its (request, KV head) count after writing its
@@ -74,9 +77,25 @@ struct AttnLaunch {
 constexpr int32_t kRowsAll = 0, kRowsSmall = 1, kRowsLarge = 2;
 constexpr int32_t kSmallRows = 16;
 
+static_assert(kSmallRows == ws::kSmallBlockRows, "the workspace's small region rows");
+
 // Does this launch serve a request of `rows_total` packed rows (AttnLaunch::rows_class)?
 __device__ __forceinline__ bool serves_rows(const AttnLaunch& L, int rows_total) {
   return L.rows_class == kRowsAll || ((rows_total <= kSmallRows) == (L.rows_class == kRowsSmall));
+}
+
+// Index of split `split`'s partial state of packed row R of (request b, KV head kvh), whose
+// output row is row_id; consecutive splits of a row are part_split_stride(L) apart.
+__device__ __forceinline__ int64_t part_row(const AttnLaunch& L, int split, int b, int kvh,
+                                            int R, int64_t row_id) {
+  if (L.compact_parts)
+    return ((int64_t(split) * L.p.batch + b) * L.p.kv.num_heads + kvh) * kSmallRows + R;
+  return int64_t(split) * L.p.num_tokens * L.p.num_q_heads + row_id;
+}
+
+__device__ __forceinline__ int64_t part_split_stride(const AttnLaunch& L) {
+  return L.compact_parts ? L.p.batch * L.p.kv.num_heads * kSmallRows
+                         : L.p.num_tokens * L.p.num_q_heads;
 }
 
 }  // namespace cuda

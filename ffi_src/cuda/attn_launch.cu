@@ -92,6 +92,41 @@ int page_shift_of(int64_t page_size) {
   return s;
 }
 
+// The most KV splits worth considering for `base` CTAs (one per split): about 4 waves of
+// `slots` CTAs (at most kMaxTargetCtas), at least kMinKeysPerSplit keys of the block table's
+// `capacity` per split, at most kMaxSplits.
+int64_t split_limit(int64_t base, int64_t slots, int64_t capacity) {
+  int64_t want = 4 * slots;
+  if (want > cuda::kMaxTargetCtas) want = cuda::kMaxTargetCtas;
+  int64_t s_hi = (want + base - 1) / base;
+  int64_t cap_splits = capacity / cuda::kMinKeysPerSplit;
+  if (cap_splits < 1) cap_splits = 1;
+  if (s_hi > cap_splits) s_hi = cap_splits;
+  if (s_hi > cuda::kMaxSplits) s_hi = cuda::kMaxSplits;
+  return s_hi < 1 ? 1 : s_hi;
+}
+
+// Among 1..s_hi splits, the count whose last wave of base * s CTAs over `slots` is fullest
+// (uniform lengths make the wave model exact), preferring fewer splits unless more fill the
+// waves 1% better.
+int64_t pick_splits(int64_t base, int64_t slots, int64_t s_hi) {
+  auto wave_fill = [&](int64_t s) {
+    const double w = double(base * s) / double(slots);
+    const double full = w < 1.0 ? 1.0 : std::ceil(w);
+    return w / full;
+  };
+  int64_t splits = 1;
+  double best = wave_fill(1);
+  for (int64_t s = 2; s <= s_hi; ++s) {
+    const double f = wave_fill(s);
+    if (f > best + 0.01) {
+      best = f;
+      splits = s;
+    }
+  }
+  return splits;
+}
+
 // What the launcher decided for one call, before anything runs: the kernels' arguments
 // (AttnLaunch, with the workspace carved up), the tile shape, the grid, and the kernel
 // family. Planning reads device attributes (cached) and never device memory.
@@ -102,7 +137,8 @@ struct AttnPlan {
   bool prepare_only = false;  // no requests: prepare writes the padding rows, nothing else
   cuda::Family family = cuda::Family::kSm80;
   // Mixed batches (JPA_CUDA_MIXED=1): a second tile launch, the 16-row shape of the sm80
-  // family, for the requests of at most cuda::kSmallRows rows (L then serves the others).
+  // family, for the requests of at most cuda::kSmallRows rows (L then serves the others),
+  // with its own KV splits.
   bool small_launch = false;
   AttnLaunch L_small;
   dim3 grid_small;
@@ -180,39 +216,17 @@ cudaError_t PlanAttention(const AttnParams& p, AttnPlan* plan) {
   if (row_blocks > 65535) return cudaErrorInvalidValue;
   L.row_blocks = int32_t(row_blocks);
 
-  // KV splits. Candidates: at most ~4 waves of CTAs (and kMaxTargetCtas), at least
-  // kMinKeysPerSplit keys of the table's capacity per split, at most kMaxSplits, and what the
-  // workspace holds. Among them the count whose last wave is fullest (uniform lengths make the
-  // wave model exact), preferring fewer splits unless more fill the waves 1% better.
-  const int64_t base = B * Hkv * row_blocks;
+  // KV splits (split_limit, pick_splits), within what the workspace holds.
   const int64_t slots = int64_t(di.num_sms) * ti.ctas_per_sm;
-  int64_t want = 4 * slots;
-  if (want > cuda::kMaxTargetCtas) want = cuda::kMaxTargetCtas;
-  int64_t s_hi = (want + base - 1) / base;
   const int64_t capacity = p.max_pages_per_req * p.kv.page_size;
-  int64_t cap_splits = capacity / cuda::kMinKeysPerSplit;
-  if (cap_splits < 1) cap_splits = 1;
-  if (s_hi > cap_splits) s_hi = cap_splits;
-  if (s_hi > cuda::kMaxSplits) s_hi = cuda::kMaxSplits;
+  const int64_t base = B * Hkv * row_blocks;
+  int64_t s_hi = split_limit(base, slots, capacity);
   const int64_t rows = p.num_tokens * p.num_q_heads;
   const int64_t count_bytes = ws::count_bytes(B, Hkv);
   while (s_hi > 1 &&
          meta_bytes + count_bytes + ws::split_bytes(s_hi, rows, D) > p.workspace_bytes)
     --s_hi;
-  auto wave_fill = [&](int64_t s) {
-    const double w = double(base * s) / double(slots);
-    const double full = w < 1.0 ? 1.0 : std::ceil(w);
-    return w / full;
-  };
-  int64_t splits = 1;
-  double best = wave_fill(1);
-  for (int64_t s = 2; s <= s_hi; ++s) {
-    const double f = wave_fill(s);
-    if (f > best + 0.01) {
-      best = f;
-      splits = s;
-    }
-  }
+  const int64_t splits = pick_splits(base, slots, s_hi);
   if (splits > 1) {
     char* ws = static_cast<char*>(p.workspace) + meta_bytes;
     // With the fused_merge switch (experimental, off by default: slower on the H200, run 8),
@@ -234,22 +248,47 @@ cudaError_t PlanAttention(const AttnParams& p, AttnPlan* plan) {
   plan->grid = dim3(unsigned(splits * Hkv), unsigned(B), unsigned(row_blocks));
 
   // Mixed batches: requests of at most kSmallRows rows (decode tokens, short chunks) get the
-  // 16-row shape in a launch of their own instead of a prefill tile each; both launches use
-  // the same splits (one merge). The launcher cannot see q lengths (device memory), so each
-  // CTA checks its request's class and returns at once when it is the other launch's.
-  // Off unless the mixed_split switch is on (JPA_CUDA_MIXED=1 at lowering) until measured on
-  // a GPU (issue: mixed batches).
+  // 16-row shape in a launch of their own instead of a prefill tile each. The launcher cannot
+  // see q lengths (device memory), so each CTA checks its request's class and returns at once
+  // when it is the other launch's. The short launch splits its requests' keys as a decode
+  // call would (its own count, from B x Hkv CTAs of its shape; run 6 and 8 measured the split
+  // count of the prefill launch, 1 at the mixed point, as the cause of the mixed call's
+  // loss), writes compact partials into the workspace's small region (workspace.h) and merges
+  // them in its tiles (the fused merge); the merge launch serves only the other requests.
+  // Off unless the mixed_split switch is on (JPA_CUDA_MIXED=1 at lowering).
   if (p.launch.mixed_split && !p.is_decode() && shape != cuda::kShapeDecode && B > 1 &&
       G <= cuda::kSmallRows) {
     TileInfo small;
     JPA_CUDA_TRY(cached_tile_info(dev, cuda::Family::kSm80, D, cuda::kShapeDecode, pd, &small));
     if (small.smem_bytes > di.max_smem_optin || small.ctas_per_sm < 1)
       return cudaErrorInvalidConfiguration;
+    AttnLaunch& Ls = plan->L_small;
+    Ls = L;
+    Ls.rows_class = cuda::kRowsSmall;
+    Ls.row_blocks = 1;
+    Ls.num_splits = 1;
+    Ls.part_lse = Ls.part_out = nullptr;
+    Ls.merge_count = nullptr;
+    const int64_t slots_s = int64_t(di.num_sms) * small.ctas_per_sm;
+    const int64_t used =
+        meta_bytes + (splits > 1 ? count_bytes + ws::split_bytes(splits, rows, D) : 0);
+    int64_t s_small = split_limit(B * Hkv, slots_s, capacity);
+    while (s_small > 1 && used + ws::small_region_bytes(s_small, B, Hkv, D) > p.workspace_bytes)
+      --s_small;
+    s_small = pick_splits(B * Hkv, slots_s, s_small);
+    if (s_small * Hkv >= (int64_t(1) << 31)) return cudaErrorInvalidValue;
+    if (s_small > 1) {
+      char* ws = static_cast<char*>(p.workspace) + used;
+      Ls.merge_count = reinterpret_cast<int*>(ws);
+      ws += ws::count_bytes(B, Hkv);
+      const int64_t srows = ws::small_rows(B, Hkv);
+      Ls.part_lse = reinterpret_cast<float*>(ws);
+      Ls.part_out = reinterpret_cast<float*>(ws + cuda::align_up(s_small * srows * 4, cuda::kWsAlign));
+      Ls.num_splits = int32_t(s_small);
+      Ls.compact_parts = true;
+    }
     plan->small_launch = true;
-    plan->L_small = L;
-    plan->L_small.rows_class = cuda::kRowsSmall;
-    plan->L_small.row_blocks = 1;
-    plan->grid_small = dim3(plan->grid.x, plan->grid.y, 1);
+    plan->grid_small = dim3(unsigned(s_small * Hkv), unsigned(B), 1);
     L.rows_class = cuda::kRowsLarge;
   }
   return cudaSuccess;
@@ -263,9 +302,10 @@ cudaError_t LaunchPlanned(const AttnPlan& plan, cudaStream_t stream) {
   if (plan.prepare_only) return cuda::launch_attn_prepare(L, stream);
   if (plan.grid.x == 0) return cudaSuccess;
   if (!L.fused_checks) JPA_CUDA_TRY(cuda::launch_attn_prepare(L, stream));
-  if (L.merge_count != nullptr)
-    JPA_CUDA_TRY(cudaMemsetAsync(L.merge_count, 0,
-                                 size_t(L.p.batch * L.p.kv.num_heads) * sizeof(int32_t), stream));
+  for (const AttnLaunch* l : {&L, &plan.L_small})
+    if (l->merge_count != nullptr)
+      JPA_CUDA_TRY(cudaMemsetAsync(l->merge_count, 0,
+                                   size_t(l->p.batch * l->p.kv.num_heads) * sizeof(int), stream));
   JPA_CUDA_TRY(tiles_for(plan.family, L.p.head_dim, &L, plan.shape, L.p.kv.dtype, nullptr,
                          plan.grid, stream));
   if (plan.small_launch)

@@ -46,6 +46,8 @@ __global__ void __launch_bounds__(kMergeThreads) attn_merge_kernel(
     row_begin = meta.row_begin;
     q_len = meta.q_len;
   }
+  // A mixed batch's short requests are merged by their own launch (AttnLaunch::rows_class).
+  if (!serves_rows(L, int(q_len) * L.group)) return;
   const int64_t Hq = p.num_q_heads;
   const int64_t idx = blockIdx.x;  // (token in request, head)
   if (idx >= q_len * Hq) return;  // the whole block leaves together

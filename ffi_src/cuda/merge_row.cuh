@@ -38,17 +38,18 @@ __device__ __forceinline__ float warp_sum_all(float v) {
   return v;
 }
 
-// One output row (token * Hq + head) merged by one warp: lane l owns head_dim columns
-// [4l, 4l + 4) of each 128-wide chunk; kBatch splits' loads in flight per lane.
+// One output row (token * Hq + head) merged by one warp from its partials (split 0's at
+// index prow, part_row in attn_common.cuh): lane l owns head_dim columns [4l, 4l + 4) of
+// each 128-wide chunk; kBatch splits' loads in flight per lane.
 template <int D, int kBatch>
-__device__ __forceinline__ void merge_row_warp(const AttnLaunch& L, int64_t row, int64_t head,
-                                               int lane) {
+__device__ __forceinline__ void merge_row_warp(const AttnLaunch& L, int64_t row, int64_t prow,
+                                               int64_t head, int lane) {
   constexpr int NV = (D + 127) / 128;  // float4 columns per lane
   const AttnParams& p = L.p;
   const int S = L.num_splits;
-  const int64_t ss = p.num_tokens * p.num_q_heads;  // split stride (rows)
-  const float l0 = lane < S ? __ldcg(L.part_lse + lane * ss + row) : -INFINITY;
-  const float l1 = lane + 32 < S ? __ldcg(L.part_lse + (lane + 32) * ss + row) : -INFINITY;
+  const int64_t ss = part_split_stride(L);
+  const float l0 = lane < S ? __ldcg(L.part_lse + lane * ss + prow) : -INFINITY;
+  const float l1 = lane + 32 < S ? __ldcg(L.part_lse + (lane + 32) * ss + prow) : -INFINITY;
   auto store_row = [&](const float4 (&o)[NV], float lse) {
 #pragma unroll
     for (int c = 0; c < NV; ++c)
@@ -71,7 +72,7 @@ __device__ __forceinline__ void merge_row_warp(const AttnLaunch& L, int64_t row,
   float den = warp_sum_all(e0 + e1);
   if (sink2 != -INFINITY) den += exp2f(sink2 - M2);
 
-  const float* base = L.part_out + row * D + lane * 4;
+  const float* base = L.part_out + prow * D + lane * 4;
   for (int s0 = 0; s0 < S; s0 += kBatch) {
     float4 x[kBatch][NV];  // every split wrote its rows (zeros when empty)
 #pragma unroll
@@ -101,21 +102,23 @@ __device__ __forceinline__ void merge_row_warp(const AttnLaunch& L, int64_t row,
   store_row(acc, (M2 + log2f(den)) * kLn2);
 }
 
-// Merges the packed rows [r0, r0 + nrows) of a (request, KV head) group (row_begin: the
-// request's first token; packed row R = token R / G, head kvh * G + R % G), one warp per row.
+// Merges the packed rows [r0, r0 + nrows) of the group of request b and KV head kvh
+// (row_begin: the request's first token; packed row R = token R / G, head kvh * G + R % G),
+// one warp per row.
 // Not inlined: its code stays out of the register allocation of the tile's key loop (inlined,
 // an earlier version made the fp8 decode tile spill 40 bytes inside that loop). A tile
 // capped at 128 registers (kMaxRegs) keeps 8 loads in flight: 16 made that loop spill again.
 template <int D, int NT, int kMaxRegs>
-__device__ __noinline__ void merge_group_rows(const AttnLaunch& L, int64_t row_begin, int kvh,
-                                              int r0, int nrows) {
+__device__ __noinline__ void merge_group_rows(const AttnLaunch& L, int b, int64_t row_begin,
+                                              int kvh, int r0, int nrows) {
   constexpr int kBatch = D > 128 || kMaxRegs <= 128 ? 8 : 16;
   const int G = L.group;
   const int lane = threadIdx.x & 31;
   for (int i = threadIdx.x >> 5; i < nrows; i += NT / 32) {
     const int R = r0 + i;
     const int64_t head = int64_t(kvh) * G + R % G;
-    merge_row_warp<D, kBatch>(L, (row_begin + R / G) * L.p.num_q_heads + head, head, lane);
+    const int64_t row = (row_begin + R / G) * L.p.num_q_heads + head;
+    merge_row_warp<D, kBatch>(L, row, part_row(L, 0, b, kvh, R, row), head, lane);
   }
 }
 

@@ -341,13 +341,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinCtasPerSm) attn_tile_k
         store4(p.out, row_id * D + c4 * 4, p.out_dtype, make_float4(NAN, NAN, NAN, NAN));
         if (c4 == 0) p.lse[row_id] = NAN;
       } else {  // zeros keep every partial output initialized for the merge's loads
-        const int64_t prow = int64_t(split) * p.num_tokens * Hq + row_id;
+        const int64_t prow = part_row(L, split, int(blockIdx.y), kvh, R, row_id);
         *reinterpret_cast<float4*>(L.part_out + prow * D + c4 * 4) = make_float4(0.f, 0.f, 0.f, 0.f);
         if (c4 == 0) L.part_lse[prow] = NAN;
       }
     }
   };
-  // Fused merge (L.merge_count, decode shape only; experimental): after its partials are
+  // Fused merge (L.merge_count, 16-row shape only; experimental): after its partials are
   // written, a split CTA counts itself in for its (request, KV head); the one that completes
   // the count merges the group's rows (merge_row.cuh). The barrier makes every thread's
   // partial stores precede thread 0's acquire-release add; the add precedes the merging
@@ -356,12 +356,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinCtasPerSm) attn_tile_k
     if constexpr (WM == 1) {
       if (L.merge_count == nullptr) return;
       // The group's count by its CTAs' blockIdx.y (b itself may be a longest-first rank's
-      // request), re-read rather than kept live through the key loop.
+      // request; compact partials come from launches without that order, so there b is
+      // blockIdx.y), re-read rather than kept live through the key loop.
       int* count = L.merge_count + int64_t(blockIdx.y) * p.kv.num_heads + blockIdx.x / S;
       __syncthreads();
       if (!__syncthreads_or(tid == 0 && atomic_add_acq_rel_gpu(count, 1) == S - 1)) return;
       constexpr int kMaxRegs = 65536 / (NT * Cfg::kMinCtasPerSm);  // __launch_bounds__' cap
-      merge_group_rows<D, NT, kMaxRegs>(L, meta.row_begin, kvh, r0, r_end - r0);
+      merge_group_rows<D, NT, kMaxRegs>(L, int(blockIdx.y), meta.row_begin, kvh, r0,
+                                        r_end - r0);
     }
   };
   if (meta.status != kReqValid) {  // fused checks only (uniform over the CTA)
@@ -634,8 +636,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinCtasPerSm) attn_tile_k
       if (c4 == 0) p.lse[row_id] = rs.lse;
     } else {
       // Empty split (lse -inf): weight 0 in the merge, which reads its (zeroed) output
-      // unconditionally.
-      const int64_t prow = int64_t(split) * p.num_tokens * Hq + row_id;
+      // unconditionally. (Compact partials come from launches without the longest-first
+      // order, so there the request is blockIdx.y; not keeping b live through the loop.)
+      const int64_t prow = part_row(L, split, int(blockIdx.y), kvh, R, row_id);
       const RowScale rs = split_row(M, lsum, v_scale);
       *reinterpret_cast<float4*>(L.part_out + prow * D + c4 * 4) =
           lsum > 0.0f ? make_float4(o.x * rs.scale, o.y * rs.scale, o.z * rs.scale, o.w * rs.scale)
