@@ -250,10 +250,10 @@ cudaError_t PlanAttention(const AttnParams& p, AttnPlan* plan) {
   // Mixed batches: requests of at most kSmallRows rows (decode tokens, short chunks) get the
   // 16-row shape in a launch of their own instead of a prefill tile each. The launcher cannot
   // see q lengths (device memory), so each CTA checks its request's class and returns at once
-  // when it is the other launch's. The short launch splits its requests' keys as a decode
-  // call would (its own count, from B x Hkv CTAs of its shape; run 6 and 8 measured the split
-  // count of the prefill launch, 1 at the mixed point, as the cause of the mixed call's
-  // loss), writes compact partials into the workspace's small region (workspace.h) and merges
+  // when it is the other launch's. The short launch splits its requests' keys with a count
+  // of its own, for B x Hkv CTAs of its shape (runs 6 and 8: sharing the prefill launch's
+  // count, 1 at the mixed point, was the cause of the mixed call's loss), writes compact
+  // partials into the workspace's small region (workspace.h) and merges
   // them in its tiles (the fused merge); the merge launch serves only the other requests.
   // Off unless the mixed_split switch is on (JPA_CUDA_MIXED=1 at lowering).
   if (p.launch.mixed_split && !p.is_decode() && shape != cuda::kShapeDecode && B > 1 &&
@@ -272,10 +272,13 @@ cudaError_t PlanAttention(const AttnParams& p, AttnPlan* plan) {
     const int64_t slots_s = int64_t(di.num_sms) * small.ctas_per_sm;
     const int64_t used =
         meta_bytes + (splits > 1 ? count_bytes + ws::split_bytes(splits, rows, D) : 0);
+    // The most splits (about 4 waves), not pick_splits: its wave model assumes CTAs of equal
+    // work, but here the other class's CTAs exit at once and the short requests' contexts
+    // differ (at the mixed point 512 CTAs fill 1, 2 or 3 splits' waves equally, so it would
+    // keep 1 split, the measured loss).
     int64_t s_small = split_limit(B * Hkv, slots_s, capacity);
     while (s_small > 1 && used + ws::small_region_bytes(s_small, B, Hkv, D) > p.workspace_bytes)
       --s_small;
-    s_small = pick_splits(B * Hkv, slots_s, s_small);
     if (s_small * Hkv >= (int64_t(1) << 31)) return cudaErrorInvalidValue;
     if (s_small > 1) {
       char* ws = static_cast<char*>(p.workspace) + used;
