@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import common as C  # noqa: E402
+from jax_paged_attn import launch_options  # noqa: E402
 
 C.add_tests_to_path()
 import cases  # noqa: E402
@@ -306,7 +307,7 @@ def run_impl(name, pt, sets, timer, lens, reps_sets):
         return dict(bytes=nbytes, gbps=nbytes / (t.us * 1e-6) / 1e9)
 
     # One timed call runs every input set (rotation past the L2); time is per set.
-    with C.launch_env(IMPL_ENV.get(name, {})):
+    with launch_options.switched(IMPL_ENV.get(name, {})):
         return C.run_impl(row, lambda: BUILDERS[name](pt, sets), timer,
                           compile_fn=C.multi_call, first_output=lambda outs: outs[0],
                           time_kwargs=lambda built: dict(ops_per_call=len(built.args)),

@@ -43,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import common as C  # noqa: E402
+from jax_paged_attn import launch_options  # noqa: E402
 
 C.add_tests_to_path()
 import cases  # noqa: E402
@@ -361,7 +362,7 @@ def reference_f32(pt, x):
 def run_impl(name, pt, x, timer):
     row = {"point": pt.name, "config": pt.config, "impl": name, "B": pt.batch,
            "L": pt.q_len}
-    with C.launch_env(IMPL_ENV.get(name, {})):
+    with launch_options.switched(IMPL_ENV.get(name, {})):
         return _run_impl(name, row, pt, x, timer)
 
 

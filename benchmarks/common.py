@@ -18,7 +18,6 @@ failing `ours` row rather than a crash.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import gc
 import json
@@ -704,19 +703,3 @@ def print_traceback_tail(e: BaseException, lines: int = 6) -> None:
 class Unsupported(Exception):
     """A peer that cannot run this configuration by design (reported as skipped)."""
 
-
-@contextlib.contextmanager
-def launch_env(env):
-    """The launcher's switches (jax_paged_attn/launch_options.py) set for one row's whole
-    build / compile / time: a command buffer captures the launcher's choice at its first
-    run, so they stay set until the row is done."""
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v

@@ -20,6 +20,7 @@ lowered with. A value outside the ones below is a ValueError at trace time.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -50,3 +51,21 @@ def from_environment() -> dict[str, np.int64]:
                              "(or unset)")
         out[attr] = np.int64(values[raw])
     return out
+
+
+@contextlib.contextmanager
+def switched(env: dict[str, str]):
+    """Sets the switches in `env` (variable -> value) for the block and restores the
+    environment after it. Calls lowered inside the block keep the settings (an executable
+    or command buffer captures them when it is compiled), so build the jitted function and
+    run it for the first time inside the block."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -36,6 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import cases  # noqa: E402
 import jax_paged_attn as jpa  # noqa: E402
+from jax_paged_attn import launch_options  # noqa: E402
 
 GPU = None  # set by main()
 
@@ -60,16 +61,8 @@ _ATTN_NAMES = ["q", "k_pages", "v_pages", "block_tables", "seq_lens", "cu_seqlen
 def run_attention(case, mutate=None, env=None):
     """One call of the case's op; `env`: launcher switches set while it is lowered (each
     call here has its own shapes, so its own executable)."""
-    saved = {k: os.environ.get(k) for k in env or {}}
-    os.environ.update(env or {})
-    try:
+    with launch_options.switched(env or {}):
         _run_attention(case, mutate)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _run_attention(case, mutate):

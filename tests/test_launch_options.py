@@ -5,6 +5,7 @@ runs on any machine."""
 
 from __future__ import annotations
 
+import os
 import re
 
 import jax
@@ -73,3 +74,17 @@ def test_a_bad_value_is_a_trace_time_error_naming_the_variable(monkeypatch, var,
     with pytest.raises(ValueError, match=f"{var}='{value}' is not one of"):
         _lowered("cuda")
     _lowered("cpu")  # not read there
+
+
+def test_switched_sets_the_variables_for_the_block_and_restores_them(monkeypatch):
+    monkeypatch.setenv("JPA_CUDA_MIXED", "0")
+    monkeypatch.delenv("JPA_CUDA_FUSED_MERGE", raising=False)
+    with launch_options.switched({"JPA_CUDA_MIXED": "1", "JPA_CUDA_FUSED_MERGE": "1"}):
+        assert _switches(_lowered("cuda"))["launch_mixed"] == 1
+        assert launch_options.from_environment()["launch_fused_merge"] == 1
+    assert os.environ["JPA_CUDA_MIXED"] == "0"
+    assert "JPA_CUDA_FUSED_MERGE" not in os.environ
+    with pytest.raises(RuntimeError):  # restored on an exception too
+        with launch_options.switched({"JPA_CUDA_MIXED": "1"}):
+            raise RuntimeError
+    assert os.environ["JPA_CUDA_MIXED"] == "0"

@@ -16,16 +16,6 @@ constexpr int kMergeThreads = 128;
 constexpr int kMergeWarps = kMergeThreads / 32;
 static_assert(kMaxSplits <= kMergeThreads, "one thread per split for the weights");
 
-__device__ __forceinline__ float warp_max(float v) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
 template <int D>
 __global__ void __launch_bounds__(kMergeThreads) attn_merge_kernel(
     const __grid_constant__ AttnLaunch L) {

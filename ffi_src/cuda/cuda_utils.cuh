@@ -78,6 +78,17 @@ __device__ __forceinline__ float fp8_to_float(uint32_t b) {
   return f8e4m3_to_float(static_cast<uint8_t>(b & 0xffu));
 }
 
+// Max / sum over the 32 lanes of a warp, every lane getting the result.
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
 // ---- PTX wrappers ------------------------------------------------------------------------------
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {

@@ -28,16 +28,6 @@ namespace cuda {
 
 static_assert(kMaxSplits <= 64, "a lane holds the lse of two splits");
 
-__device__ __forceinline__ float warp_max_all(float v) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
-__device__ __forceinline__ float warp_sum_all(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
 // One output row (token * Hq + head) merged by one warp from its partials (split 0's at
 // index prow, part_row in attn_common.cuh): lane l owns head_dim columns [4l, 4l + 4) of
 // each 128-wide chunk; kBatch splits' loads in flight per lane.
@@ -64,12 +54,12 @@ __device__ __forceinline__ void merge_row_warp(const AttnLaunch& L, int64_t row,
   }
 #pragma unroll
   for (int c = 0; c < NV; ++c) acc[c] = make_float4(0.f, 0.f, 0.f, 0.f);
-  const float M = warp_max_all(fmaxf(l0, l1));
+  const float M = warp_max(fmaxf(l0, l1));
   if (M == -INFINITY) return store_row(acc, -INFINITY);  // no visible key (sink or not)
   const float sink2 = p.sinks != nullptr ? p.sinks[head] * kLog2e : -INFINITY;
   const float M2 = fmaxf(M, sink2);
   const float e0 = exp2f(l0 - M2), e1 = exp2f(l1 - M2);  // 0 for empty and absent splits
-  float den = warp_sum_all(e0 + e1);
+  float den = warp_sum(e0 + e1);
   if (sink2 != -INFINITY) den += exp2f(sink2 - M2);
 
   const float* base = L.part_out + prow * D + lane * 4;
