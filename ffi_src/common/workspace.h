@@ -10,7 +10,8 @@
 // Layout: [ReqMeta x batch], then with S > 1 splits [arrival counts: batch x Hkv int32]
 // [partial lse: S x T x Hq f32][partial out: S x T x Hq x D f32], each region aligned to
 // kWsAlign bytes. The counts serve the fused merge of split decode (the launcher zeroes them
-// before the tiles; the last split CTA of each (request, KV head) merges its rows).
+// before the tiles; the last split CTA of each (request, KV head) merges its rows). A prefill
+// lowered with the mixed split launch has one more region at the end (has_small_region).
 #pragma once
 
 #include <cstdint>

@@ -47,11 +47,11 @@ struct AttnLaunch {
   // The mixed split launch's short requests (rows_class kRowsSmall): partials indexed
   // [splits, B, Hkv, kSmallRows] by packed row instead of [splits, T, Hq] (workspace.h).
   bool compact_parts = false;
-  // Fused merge (split decode with fused checks; experimental, JPA_CUDA_FUSED_MERGE=1):
-  // [batch, Hkv] arrival counts, zero before
-  // the tiles. Each split CTA adds 1 to its (request, KV head) count after writing its
-  // partials; the one that makes it S merges that group's rows (merge_row.cuh), so there is
-  // no merge launch. Null: the merge kernel runs.
+  // Fused merge (split decode with fused checks, experimental: JPA_CUDA_FUSED_MERGE=1; and
+  // the mixed split launch): [batch, Hkv] arrival counts, zero before the tiles. Each split
+  // CTA adds 1 to its (request, KV head) count after writing its partials; the one that
+  // makes it S merges that group's rows (merge_row.cuh), so there is no merge launch for
+  // them. Null: the merge kernel runs.
   int* merge_count = nullptr;
   int32_t group = 1;            // query heads per KV head
   int32_t num_splits = 1;

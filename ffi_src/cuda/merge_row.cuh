@@ -1,11 +1,12 @@
-// The fused split-KV merge of split decode (AttnLaunch::merge_count): the last split CTA of
-// a (request, KV head) combines the S partial states of that group's rows into the final
-// rows, with the semantics of the merge kernel (attn_merge.cu):
+// The fused split-KV merge (AttnLaunch::merge_count; split decode with JPA_CUDA_FUSED_MERGE=1,
+// and the mixed split launch's short requests): the last split CTA of a (request, KV head)
+// combines the S partial states of that group's rows into the final rows, with the semantics
+// of the merge kernel (attn_merge.cu):
 //   out = sum_s w_s o_s,   w_s = 2^(lse_s - M) / den,   den = sum_s 2^(lse_s - M) [+ 2^(sink - M)]
 // with M the largest split lse (and sink), lse = (M + log2 den) in natural log; a row whose
 // splits saw no key is 0 / -inf, one with a NaN split lse (an invalid request) NaN / NaN.
 //
-// Experimental (JPA_CUDA_FUSED_MERGE=1; off by default). It runs in the kernel's tail, after
+// Experimental for decode (off by default there). It runs in the kernel's tail, after
 // every other CTA of the group, so its latency is the call's. On the H200 (run 8) two earlier
 // versions were slower than the merge launch they replace (1 x 32768: 41.9 us with one warp
 // per row and 8 loads in flight, 47.6 us with the partials staged to shared memory by

@@ -318,7 +318,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinCtasPerSm) attn_tile_k
     meta = L.meta[b];
     if (meta.status != kReqValid) return;  // the prepare kernel wrote its NaN rows
   }
-  // (Never taken by fused-checks decode, whose every split CTA must reach finish_split.)
+  // (Never taken for a request this launch serves with splits merged in its tiles: every split
+  // CTA of such a request must reach finish_split.)
   if (meta.q_len == 0 || rb * BM >= meta.q_len * G || !serves_rows(L, meta.q_len * G)) return;
   // The block's rows, positions and this split's keys (tile_work.cuh, shared with sm90).
   const TileWork w = tile_work<BM, BN>(p, meta, G, rb, split, S);
