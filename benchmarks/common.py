@@ -702,4 +702,3 @@ def print_traceback_tail(e: BaseException, lines: int = 6) -> None:
 
 class Unsupported(Exception):
     """A peer that cannot run this configuration by design (reported as skipped)."""
-

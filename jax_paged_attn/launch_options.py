@@ -14,8 +14,9 @@ lowered with. A value outside the ones below is a ValueError at trace time.
     JPA_CUDA_TILE_ROWS     benchmarking knob: "64" or "128" force a prefill tile shape
     JPA_CUDA_LONGEST_FIRST benchmarking knob: "0" keeps decode CTAs in batch order
     JPA_CUDA_FUSED_MERGE   experimental: "1" merges split decode in the last split CTA of
-                           each (request, KV head) instead of in a merge launch (measured
-                           slower on the H200: benchmarks/RESULTS.md, run 8); "" / "0": off
+                           each (request, KV head) instead of in a merge launch (two earlier
+                           versions measured slower on the H200: benchmarks/RESULTS.md, run
+                           8); "" / "0": off
 """
 
 from __future__ import annotations

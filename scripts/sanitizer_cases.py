@@ -3,9 +3,9 @@ initcheck).
 
 Covers: decode with split-KV (merged by its tiles, and by the merge kernel, each also with
 invalid metadata), a mixed batch with the mixed split launch, decode with many rows per KV
-head (prefill tile
-shape), prefill with padding rows, q_len 0 requests and invalid metadata, fp8 pages, HND and
-combined layouts, head_dims 64 / 128 / 256, page size 5 (division path), and append_kv.
+head (prefill tile shape), prefill with padding rows, q_len 0 requests and invalid
+metadata, fp8 pages, HND and combined layouts, head_dims 64 / 128 / 256, page size 5
+(division path), and append_kv.
 Run it under the sanitizer with XLA_PYTHON_CLIENT_PREALLOCATE=false (scripts/gpu_check.sh
 runs it with XLA's pooled allocator and again with XLA_PYTHON_CLIENT_ALLOCATOR=platform).
 Prints one line per call, before each call a "sanitizer_cases: buffers" line with the device
