@@ -472,7 +472,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                any ? o_acc[4 * i + 2 * h + 1] * rs.scale : 0.0f);
       if (t == 0) p.lse[row_id] = rs.lse;
     } else {  // a split partial; an empty split gets weight 0 (lse -inf) and zeros
-      const int64_t prow = int64_t(split) * p.num_tokens * Hq + row_id;
+      const int64_t prow = part_row(L, split, b, kvh, R, row_id);
       const RowScale rs = split_row(M, lsum, v_scale);
 #pragma unroll
       for (int i = 0; i < D / 8; ++i)
