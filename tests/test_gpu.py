@@ -348,8 +348,8 @@ def test_mixed_split_launch_splits_long_decode_rows(monkeypatch):
     """JPA_CUDA_MIXED=1 on a mixed batch whose short requests (q_len 1-2) have contexts up to
     6k keys: the 16-row launch splits their keys with its own count (compact partials in the
     workspace's small region, merged by its tiles) while the prefill-shape launch serves the
-    chunks (with splits of its own, merged by the merge launch, which skips the short
-    requests). check() with sinks and one invalid short request."""
+    chunks (its own splits, if the planner picks any, go to the merge launch, which skips
+    the short requests). check() with sinks and one invalid short request."""
     monkeypatch.setenv("JPA_CUDA_MIXED", "1")
     _poisoned_fn.cache_clear()  # fresh executables, lowered with the switch
     try:
