@@ -18,6 +18,8 @@
 #   scripts/gpu_check.sh profile              # ncu on our prefill kernel and cuDNN's
 #   scripts/gpu_check.sh profile-decode       # the same for decode
 #   scripts/gpu_check.sh variants             # unmerged branches' kernels (.variants/*)
+#   VARIANTS_DIR=benchmarks/variants scripts/gpu_check.sh variants
+#                                             # the committed patches not yet run on a GPU
 #
 # Per-part time limits (seconds) can be set with T_BUILD, T_TESTS, T_LARGE, T_FUZZ, T_CPU, T_SAN, T_BENCH,
 # T_PREFILL, T_DECODE, T_GENERATE, T_PROFILE,
@@ -298,15 +300,36 @@ fi
 # VARIANTS_DIR (default .variants; untracked, so it travels with the working tree) holds the
 # files a branch changes, at their paths, e.g.
 #   git diff --name-only main BRANCH | xargs git archive BRANCH | tar -x -C .variants/BRANCH
+# and each NAME.patch there (a `git diff` against the tree; benchmarks/variants/ keeps the
+# committed ones, which survive between sessions) is applied with git apply or patch -p1.
 # Each variant's files are swapped in, built, smoke-tested (VARIANT_SMOKE: a pytest -k
 # expression over tests/test_gpu.py) and benchmarked (bench_prefill.py with
 # VARIANT_PREFILL_ARGS unless that is "skip"; bench_decode.py with VARIANT_DECODE_ARGS when
 # set); then the tree's own files are put back and rebuilt. Files are copied
 # with new mtimes both ways, so the incremental build sees every swap.
 DEFAULT_SMOKE="family_switch or wgmma or ragged_interleaved_pages or fp8"
+# A patch variant becomes a folder variant: its changed files, patched, in a scratch folder.
+patch_to_dir() {  # patch dir
+  local p=$1 d=$2 f
+  for f in $(grep -E '^\+\+\+ b/' "$p" | sed 's|^+++ b/||'); do
+    mkdir -p "$d/$(dirname "$f")" && cp "$f" "$d/$f"
+  done
+  (cd "$d" && { git apply "$p" 2>/dev/null || patch -s -p1 <"$p"; })
+}
 if has variants; then
-  for vdir in "${VARIANTS_DIR:-.variants}"/*/; do
-    [ -d "$vdir" ] || continue
+  vdirs=()
+  for vdir in "${VARIANTS_DIR:-.variants}"/*/; do [ -d "$vdir" ] && vdirs+=("$vdir"); done
+  for vp in "${VARIANTS_DIR:-.variants}"/*.patch; do
+    [ -f "$vp" ] || continue
+    vdir=$(mktemp -d)/$(basename "$vp" .patch)/
+    mkdir -p "$vdir"
+    if patch_to_dir "$(realpath "$vp")" "$vdir"; then
+      vdirs+=("$vdir")
+    else
+      note "patch-$(basename "$vp" .patch)" FAIL 0 "does not apply to this tree"
+    fi
+  done
+  for vdir in ${vdirs[@]+"${vdirs[@]}"}; do
     name=$(basename "$vdir")
     keep=$(mktemp -d)
     files=$(cd "$vdir" && find . -type f | sed 's|^\./||')
