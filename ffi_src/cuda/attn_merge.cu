@@ -100,12 +100,7 @@ __global__ void __launch_bounds__(kMergeThreads) attn_merge_kernel(
     const int s = warp + i * kMergeWarps;
     const float w = s < S ? s_w[s] : 0.0f;
 #pragma unroll
-    for (int c = 0; c < NV; ++c) {
-      acc[c].x += w * xs[i][c].x;
-      acc[c].y += w * xs[i][c].y;
-      acc[c].z += w * xs[i][c].z;
-      acc[c].w += w * xs[i][c].w;
-    }
+    for (int c = 0; c < NV; ++c) fma4(acc[c], w, xs[i][c]);
   }
 #pragma unroll
   for (int c = 0; c < NV; ++c) s_acc[warp][c][lane] = acc[c];

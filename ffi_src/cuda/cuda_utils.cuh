@@ -89,6 +89,14 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// acc += w * x, element by element.
+__device__ __forceinline__ void fma4(float4& acc, float w, const float4& x) {
+  acc.x += w * x.x;
+  acc.y += w * x.y;
+  acc.z += w * x.z;
+  acc.w += w * x.w;
+}
+
 // ---- PTX wrappers ------------------------------------------------------------------------------
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {

@@ -78,12 +78,7 @@ __device__ __forceinline__ void merge_row_warp(const AttnLaunch& L, int64_t row,
       const int s = s0 + i;  // the weight of an absent split (s >= S) is 0
       const float w = __shfl_sync(0xffffffffu, s < 32 ? e0 : e1, s & 31);
 #pragma unroll
-      for (int c = 0; c < NV; ++c) {
-        acc[c].x += w * x[i][c].x;
-        acc[c].y += w * x[i][c].y;
-        acc[c].z += w * x[i][c].z;
-        acc[c].w += w * x[i][c].w;
-      }
+      for (int c = 0; c < NV; ++c) fma4(acc[c], w, x[i][c]);
     }
   }
   const float inv = 1.0f / den;

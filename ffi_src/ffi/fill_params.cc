@@ -160,7 +160,8 @@ ffi::Error FillAttentionParams(const AttentionBuffers& b, const AttentionAttrs& 
   p->softcap = a.softcap;
   auto is_bit = [](int64_t x) { return x == 0 || x == 1; };
   if (!is_bit(a.launch_family) || !is_bit(a.launch_mixed) || !is_bit(a.launch_longest_first) ||
-      !is_bit(a.launch_fused_merge) || (a.launch_tile_rows != 0 && a.launch_tile_rows != 64 && a.launch_tile_rows != 128))
+      !is_bit(a.launch_fused_merge) ||
+      (a.launch_tile_rows != 0 && a.launch_tile_rows != 64 && a.launch_tile_rows != 128))
     return Invalid("launch switches out of range (launch_options.py writes them)");
   p->launch.force_sm80 = a.launch_family == 1;
   p->launch.mixed_split = a.launch_mixed == 1;

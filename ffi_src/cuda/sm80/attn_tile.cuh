@@ -621,10 +621,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinCtasPerSm) attn_tile_k
         lsum += red_l[w * BM + row] * sc;
         const float4 v = *reinterpret_cast<const float4*>(red_o + (w * BM + row) * Cfg::kRedStride +
                                                           c4 * 4);
-        o.x += v.x * sc;
-        o.y += v.y * sc;
-        o.z += v.z * sc;
-        o.w += v.w * sc;
+        fma4(o, sc, v);
       }
     }
     const int64_t tok = meta.row_begin + R / G;
@@ -637,8 +634,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinCtasPerSm) attn_tile_k
       if (c4 == 0) p.lse[row_id] = rs.lse;
     } else {
       // Empty split (lse -inf): weight 0 in the merge, which reads its (zeroed) output
-      // unconditionally. (Compact partials come from launches without the longest-first
-      // order, so there the request is blockIdx.y; not keeping b live through the loop.)
+      // unconditionally. blockIdx.y, not b, as in finish_split.
       const int64_t prow = part_row(L, split, int(blockIdx.y), kvh, R, row_id);
       const RowScale rs = split_row(M, lsum, v_scale);
       *reinterpret_cast<float4*>(L.part_out + prow * D + c4 * 4) =
