@@ -255,7 +255,7 @@ fi
 if has prefill; then
   run_part prefill "${T_PREFILL:-300}" "$OUT/bench_prefill.log" "$PY" benchmarks/bench_prefill.py \
     --out "$OUT/prefill" ${PREFILL_ARGS:-}
-  note prefill "rc=$LAST_RC" "$LAST_DT" "$(grep -cE ' ok$' "$OUT/prefill/prefill.md" 2>/dev/null) rows ok"
+  note prefill "rc=$LAST_RC" "$LAST_DT" "$(grep -cE '\| ok \|$' "$OUT/prefill/prefill.md" 2>/dev/null) rows ok"
 fi
 if has decode; then
   run_part decode "${T_DECODE:-300}" "$OUT/bench_decode.log" "$PY" benchmarks/bench_decode.py \
