@@ -305,7 +305,8 @@ fi
 # Each variant's files are swapped in, built, smoke-tested (VARIANT_SMOKE: a pytest -k
 # expression over tests/test_gpu.py) and benchmarked (bench_prefill.py with
 # VARIANT_PREFILL_ARGS unless that is "skip"; bench_decode.py with VARIANT_DECODE_ARGS when
-# set); then the tree's own files are put back and rebuilt. Files are copied
+# set; ncu on its prefill kernel at PROFILE_POINT when VARIANT_PROFILE is set, beside the
+# profile part's run on the tree's); then the tree's own files are put back and rebuilt. Files are copied
 # with new mtimes both ways, so the incremental build sees every swap.
 DEFAULT_SMOKE="family_switch or wgmma or ragged_interleaved_pages or fp8"
 # A patch variant becomes a folder variant: its changed files, patched, in a scratch folder.
@@ -347,6 +348,10 @@ if has variants; then
         run_part "prefill-$name" "${T_PREFILL:-300}" "$OUT/bench_prefill_$name.log" "$PY" \
           benchmarks/bench_prefill.py --out "$OUT/prefill_$name" ${VARIANT_PREFILL_ARGS:---impls ours}
         note "prefill-$name" "rc=$LAST_RC" "$LAST_DT" "see $OUT/prefill_$name/prefill.md"
+      fi
+      if [ "$LAST_RC" = 0 ] && [ -n "${VARIANT_PROFILE:-}" ]; then
+        # ncu on the variant's prefill kernel, as the profile part does for the tree's
+        ncu_run "ncu_$name" prefill "${PROFILE_POINT:-1x8192}" ours prefill_wgmma 1
       fi
       if [ "$LAST_RC" = 0 ] && [ -n "${VARIANT_DECODE_ARGS:-}" ]; then
         run_part "decode-$name" "${T_DECODE:-300}" "$OUT/bench_decode_$name.log" "$PY" \
