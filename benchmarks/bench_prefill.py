@@ -3,7 +3,7 @@ attention and the XLA reference, in one run, with a bf16 matmul ceiling measured
 same run.
 
     python benchmarks/bench_prefill.py [--quick] [--impls ours,ours-sm80,cudnn,xla] [--out DIR]
-                                       [--cpu-smoke]
+                                       [--cpu-smoke] [--fit]
 
 Points (Hq=32 Hkv=8 D=128 bf16 page 16 causal unless named): full causal prefills (q_len =
 kv_len = L) at (B, L) = (4, 2048), (1, 8192), (1, 16384) (--quick: the first two); then at
@@ -11,7 +11,8 @@ kv_len = L) at (B, L) = (4, 2048), (1, 8192), (1, 16384) (--quick: the first two
 512 new tokens over 8192 cached) and a ragged batch (B=16, q lens U[1, 2048]). FLOPs = 4 *
 sum over query rows of visible keys * Hq * D. The mixed point: 56 decode requests (KV
 U[1k, 8k]) and 8 chunks of 512 over 2k cached, in one call. Every peer's output is compared with ours (rel
-L2); ours with the reference in float32. Writes prefill.json, prefill.md and prefill.png
+L2); ours with the reference in float32. --fit runs only non-causal 1 x 2k / 4k / 8k / 16k
+and fits ours' time per CTA as a fixed part plus a part per key tile (sm90 D=128 CTA shape). Writes prefill.json, prefill.md and prefill.png
 under --out.
 
 --impls: "ours" is the default launch (the sm90 wgmma family for 16-bit-page prefill on a
@@ -123,6 +124,48 @@ class Point:
         kvb = 2 * int(kv.sum()) * self.hkv * self.d * 2
         # q, out (x2 impls kept), pages, dense copies, reference working set (~2 GiB bound)
         return 4 * qb + 2 * kvb + 2 * C.GiB
+
+
+# --fit: non-causal single requests, so every CTA of a launch has the same key tiles; the time
+# per CTA against key tiles per CTA splits the kernel's cost into a fixed part per CTA (launch,
+# Q staging, the ring's fill, the first tiles' wait, the epilogue) and a part per key tile.
+FIT_LENS = (2048, 4096, 8192, 16384)
+FIT_SMOKE_LENS = (64, 128, 256)
+# The sm90 D=128 CTA shape (docs/cuda_kernels.md): 128 packed query rows, key tiles of 128.
+FIT_BM, FIT_BN = 128, 128
+
+
+def fit_points(smoke: bool) -> list[Point]:
+    if smoke:
+        return [Point(1, n, hq=4, hkv=2, d=64, causal=False, label="fit") for n in FIT_SMOKE_LENS]
+    return [Point(1, n, causal=False, label="fit") for n in FIT_LENS]
+
+
+def fit_per_cta(rows, pts: dict, impl: str, num_sms: int) -> dict | None:
+    """Least-squares line through (key tiles per CTA, us per CTA) of `impl`'s fit rows,
+    with FIT_BM x FIT_BN CTAs, one per SM at a time: a launch of N equal CTAs takes
+    ceil(N / num_sms) rounds. Returns {"fixed_us", "per_tile_us", "tile_tflops", "points"}
+    (tile_tflops: the rate of the per-tile part alone, over the whole card), or None with
+    fewer than two usable rows."""
+    xs, ys, used = [], [], []
+    for r in rows:
+        pt = pts.get(r.get("point"))
+        if r.get("impl") != impl or pt is None or pt.label != "fit" or not r.get("us"):
+            continue
+        ctas = pt.hkv * math.ceil(pt.q_len * (pt.hq // pt.hkv) / FIT_BM)
+        tiles = math.ceil(pt.q_len / FIT_BN)
+        per_cta = r["us"] / math.ceil(ctas / num_sms)
+        xs.append(tiles)
+        ys.append(per_cta)
+        used.append({"point": r["point"], "ctas": ctas, "tiles": tiles, "us_per_cta": per_cta,
+                     "d": pt.d})
+    if len(set(xs)) < 2:
+        return None
+    b, a = np.polyfit(np.asarray(xs, float), np.asarray(ys, float), 1)
+    flops_tile = 4.0 * FIT_BM * FIT_BN * used[0]["d"]  # one CTA's key tile
+    return {"fixed_us": float(a), "per_tile_us": float(b),
+            "tile_tflops": flops_tile * num_sms / (b * 1e-6) / 1e12 if b > 0 else None,
+            "points": used}
 
 
 def points(quick: bool, smoke: bool) -> list[Point]:
@@ -431,6 +474,13 @@ def write_outputs(outdir, meta, rows, plot=False):
           f"{C.fmt_num(meta['matmul'].get('tflops'), '.0f')} TFLOP/s ({meta['matmul'].get('n')}^3). "
           "FLOPs = 4 * sum(q_len * kv_visible) * Hq * D; 'vs' columns = peer time / time.", "",
           C.markdown_table(rows, COLUMNS), ""]
+    for impl, f in (meta.get("fit") or {}).items():
+        if f:
+            md += [f"Fit ({impl}, {meta['fit_num_sms']} SMs, {FIT_BM}x{FIT_BN} CTAs): "
+                   f"{f['fixed_us']:.2f} us per CTA + {f['per_tile_us']:.3f} us per key tile "
+                   f"({C.fmt_num(f['tile_tflops'], '.0f')} TFLOP/s for the per-tile part). "
+                   + "; ".join(f"{q['point']}: {q['ctas']} CTAs x {q['tiles']} tiles, "
+                               f"{q['us_per_cta']:.2f} us per CTA" for q in f["points"]), ""]
     with open(os.path.join(outdir, "prefill.md"), "w") as f:
         f.write("\n".join(md))
     if not plot:
@@ -448,6 +498,9 @@ def main(argv=None):
     p.add_argument("--no-ref-check", action="store_true",
                    help="skip the float32 reference used to check ours")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fit", action="store_true",
+                   help="only the non-causal fit points (1 x 2k-16k): ours' time per CTA "
+                        "split into a fixed part and a part per key tile")
     p.add_argument("--only", default="",
                    help="comma-separated substrings: run only the points whose name has one "
                         "(=NAME: exactly that point)")
@@ -476,7 +529,8 @@ def main(argv=None):
         return None
 
     only = [w for w in args.only.split(",") if w]
-    chosen = [pt for pt in points(args.quick, args.cpu_smoke)
+    chosen = [pt for pt in (fit_points(args.cpu_smoke) if args.fit
+                            else points(args.quick, args.cpu_smoke))
               if not only or any(w[1:] == pt.name if w.startswith("=") else w in pt.name
                                  for w in only)]
     rows = C.run_points(
@@ -490,6 +544,17 @@ def main(argv=None):
 
     meta["total_s"] = time.time() - t_start
     finalize(rows, matmul)
+    if args.fit:
+        num_sms = getattr(jax.devices()[0], "core_count", None) or 132
+        by_name = {pt.name: pt for pt in chosen}
+        meta["fit"] = {impl: fit_per_cta(rows, by_name, impl, num_sms) for impl in impls
+                       if impl.startswith("ours")}
+        meta["fit_num_sms"] = num_sms
+        for impl, f in meta["fit"].items():
+            if f:
+                C.log(f"fit {impl}: {f['fixed_us']:.2f} us per CTA + {f['per_tile_us']:.3f} us "
+                      f"per key tile ({C.fmt_num(f['tile_tflops'], '.0f')} TFLOP/s for the "
+                      f"per-tile part; {num_sms} SMs)")
     why = write_outputs(outdir, meta, rows, plot=True)
     C.log("")
     C.log(f"bf16 matmul ceiling {C.fmt_num(matmul.get('tflops'), '.0f')} TFLOP/s; timer CUPTI "

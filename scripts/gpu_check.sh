@@ -274,6 +274,9 @@ fi
 # (--clock-control none: the device notes say so). `profile`: prefill at PROFILE_POINT
 # (default 1x8192); `profile-decode`: decode at PROFILE_DECODE_POINT (default "grid 1x32768";
 # our split tiles and their merge, so two launches).
+# The report is kept ($name.ncu-rep), printed by section into the log, and dumped as every
+# collected metric (stall reasons, per-pipe activity, shared-memory traffic) into
+# $name.raw.csv, which can be read without ncu.
 ncu_run() {  # name bench point impl kernel-regex launches
   local name=$1 bench=$2 point=$3 impl=$4 regex=$5 count=$6 only=$3
   [ "$bench" = prefill ] && only="=$point"  # bench_prefill: exact names start with "="
@@ -281,8 +284,12 @@ ncu_run() {  # name bench point impl kernel-regex launches
     -k "regex:$regex" --launch-skip 3 --launch-count "$count" --section SpeedOfLight \
     --section ComputeWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
     --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
-    --section SourceCounters "$PY" "benchmarks/bench_$bench.py" --impls "$impl" --reps 3 \
-    --no-ref-check --only "$only" --out "$OUT/$name"
+    --section SourceCounters -f -o "$OUT/$name" "$PY" "benchmarks/bench_$bench.py" \
+    --impls "$impl" --reps 3 --no-ref-check --only "$only" --out "$OUT/$name"
+  if [ -f "$OUT/$name.ncu-rep" ]; then
+    ncu --import "$OUT/$name.ncu-rep" >>"$OUT/$name.log" 2>&1
+    ncu --import "$OUT/$name.ncu-rep" --page raw --csv >"$OUT/$name.raw.csv" 2>&1
+  fi
   note "$name" "rc=$LAST_RC" "$LAST_DT" "$(grep -m1 -E 'Compute \(SM\) Throughput|DRAM Throughput' "$OUT/$name.log" | tr -s ' ')"
 }
 if has profile; then
