@@ -276,7 +276,7 @@ fi
 # our split tiles and their merge, so two launches).
 # The report is kept ($name.ncu-rep), printed by section into the log, and dumped as every
 # collected metric (stall reasons, per-pipe activity, shared-memory traffic) into
-# $name.raw.csv, which can be read without ncu.
+# $name.raw.csv and per SASS instruction into $name.source.csv, which can be read without ncu.
 ncu_run() {  # name bench point impl kernel-regex launches
   local name=$1 bench=$2 point=$3 impl=$4 regex=$5 count=$6 only=$3
   [ "$bench" = prefill ] && only="=$point"  # bench_prefill: exact names start with "="
@@ -289,6 +289,10 @@ ncu_run() {  # name bench point impl kernel-regex launches
   if [ -f "$OUT/$name.ncu-rep" ]; then
     ncu --import "$OUT/$name.ncu-rep" >>"$OUT/$name.log" 2>&1
     ncu --import "$OUT/$name.ncu-rep" --page raw --csv >"$OUT/$name.raw.csv" 2>&1
+    # per SASS instruction: where the warps stall (SourceCounters' samples)
+    ncu --import "$OUT/$name.ncu-rep" --page source --csv --print-source sass \
+      >"$OUT/$name.source.csv" 2>&1 ||
+      ncu --import "$OUT/$name.ncu-rep" --page source --csv >"$OUT/$name.source.csv" 2>&1
   fi
   note "$name" "rc=$LAST_RC" "$LAST_DT" "$(grep -m1 -E 'Compute \(SM\) Throughput|DRAM Throughput' "$OUT/$name.log" | tr -s ' ')"
 }
