@@ -22,8 +22,10 @@
 //     the scales stay out of the loop (k_scale in the logit scale, v_scale on the output).
 // The ring runs on mbarriers: full[s] completes when the loads of stage s have landed (and
 // are fenced for the MMA unit), empty[s] when both MMA warpgroups are done reading it. The
-// two MMA warpgroups take turns issuing their S MMAs (named barriers), so one's softmax
-// runs while the other's MMAs keep the tensor cores busy.
+// two MMA warpgroups take turns issuing their MMAs (named barriers), so one's softmax runs
+// while the other's MMAs keep the tensor cores busy. Where the configuration overlaps
+// (PrefillCfg::kOverlap: head_dim 64), a turn issues the next tile's S and this tile's P V,
+// and the warpgroup's softmax of the next tile also overlaps its own P V.
 //
 // Q, K and V tiles are stored in 128-byte-swizzle atoms (hopper.cuh), the layout the MMA
 // reads through descriptors.
@@ -32,8 +34,8 @@
 // 256, fp8 e4m3 pages at head_dim 64 / 128 (at 256 the staging ring does not fit beside two
 // stages; those stay on sm80). The prepare kernel has checked every request and
 // its pages (rule 1-3 of docs/semantics.md) and written the NaN rows of invalid ones and the
-// padding rows. Not yet here: TMA loads and overlapping a warpgroup's own softmax with its
-// next tile's S MMAs.
+// padding rows. Not yet here: TMA loads, and a softmax overlap that pays at head_dim 128 (the
+// two-stage configurations, head_dim 256 and fp8 pages at 128, have no room for it).
 #pragma once
 
 #include <cmath>
@@ -63,6 +65,11 @@ struct PrefillCfg {
   // The 16-bit loader announces a stage one tile late: with one stage it would wait for an
   // empty slot that only its own unannounced stage can free.
   static_assert(kStages >= 2, "the ring needs two stages");
+  // Each MMA warpgroup overlaps its softmax with its own P V MMAs (it then holds two tiles of
+  // the ring at a time, so this needs a third stage) at head_dim 64 only: measured on the H200
+  // (run 9), +12% there and -17% at 128, where the serial schedule stays (benchmarks/variants/
+  // sm90-softmax-overlap.patch has the loader change to measure next at 128).
+  static constexpr bool kOverlap = kStages >= 3 && D == 64;
   static constexpr bool kFp8 = Fp8_;  // fp8 e4m3 pages, widened to CT (f16) by the loader
   static constexpr int kMmaWarpgroups = 2;
   static constexpr int kMmaThreads = 128 * kMmaWarpgroups;
@@ -340,28 +347,27 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) o_acc[i] = 0.0f;
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};
+  // S of the tile in flight (fp32), then its probabilities; pa: P in the compute dtype, the
+  // A fragments of the P V MMAs (the n8 chunks 2 kk and 2 kk + 1 of S are k-step kk's).
+  float s_acc[BN / 2];
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) s_acc[i] = 0.0f;  // overwritten (accumulate 0), but defined
+  uint32_t pa[BN / 16][4] = {};
+  float alpha[2];
 
   const uint32_t q_wg = q_base + 64 * wg * 128;  // this warpgroup's 64 rows of each block
-  // Turns: warpgroup w issues its S MMAs after bar_sync(kBarTurn0 + w) and then hands the
-  // turn to the other one. Warpgroup 0 starts; its extra wait after the loop takes the
-  // other's last hand-over, so every arrival is matched.
-  if (wg == 1) bar_arrive(kBarTurn0, NT);
-  for (int tile = 0; tile < ntiles; ++tile) {
-    const int j0 = kb + tile * BN;
-    const int stage = tile % Cfg::kStages;
-    mbar_wait(full_bar + 8 * stage, (tile / Cfg::kStages) & 1);
-    const uint32_t k_base = stage_base + stage * Cfg::kStageBytes;
-    const uint32_t v_base = k_base + Cfg::kTileBytes;
-
-    // ---- S = Q K^T: D / 16 k-steps; a step is 32 bytes inside a 64-wide column block ----
-    float s_acc[BN / 2];
-#pragma unroll
-    for (int i = 0; i < BN / 2; ++i) s_acc[i] = 0.0f;  // overwritten (accumulate 0), but defined
-    // Register fences before the MMA fence: no write of these registers may move past it.
-    fence_registers(s_acc);
-    fence_registers(o_acc);
-    bar_sync(kBarTurn0 + wg, NT);
-    wgmma_fence();
+  auto stage_addr = [&](int tile) {
+    return stage_base + (tile % Cfg::kStages) * Cfg::kStageBytes;
+  };
+  auto wait_full = [&](int tile) {
+    mbar_wait(full_bar + 8 * (tile % Cfg::kStages), (tile / Cfg::kStages) & 1);
+  };
+  // Releases the tile's stage to the load warpgroup: this thread's MMAs no longer read it.
+  auto release = [&](int tile) { mbar_arrive(empty_bar + 8 * (tile % Cfg::kStages)); };
+  // S = Q K^T of `tile` into s_acc: D / 16 k-steps, a step is 32 bytes inside a 64-wide
+  // column block; one commit group. The caller has fenced (wgmma_fence).
+  auto issue_s = [&](int tile) {
+    const uint32_t k_base = stage_addr(tile);
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       const uint32_t col = (kk / 4), within = (kk % 4) * 32;
@@ -370,12 +376,24 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       Wgmma<BN, CT>::ss(s_acc, da, db, kk > 0 ? 1 : 0);
     }
     wgmma_commit();
-    bar_arrive(kBarTurn0 + (wg ^ 1), NT);
-    wgmma_wait<0>();
-    fence_registers(s_acc);
-
-    // ---- logits (log2 domain), mask, online softmax. Each step is one branch-free pass over
-    // the tile's logits (a branch per element would cost more than the MMAs).
+  };
+  // O += P V of `tile` from pa: BN / 16 k-steps of 16 keys (2048 bytes of V rows each); one
+  // commit group.
+  auto issue_pv = [&](int tile) {
+    const uint32_t v_base = stage_addr(tile) + Cfg::kTileBytes;
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      const uint64_t dv = sw128_desc(v_base + kk * 16 * 128, BN * 128, 1024);
+      Wgmma<D, CT>::rs(o_acc, pa[kk], dv, 1);
+    }
+    wgmma_commit();
+  };
+  // The landed S of `tile` -> logits (log2 domain), mask, online softmax: the running max and
+  // sum move on, s_acc becomes P and alpha the factor O must be rescaled by before P V. Each
+  // step is one branch-free pass over the tile's logits (a branch per element would cost
+  // more than the MMAs).
+  auto softmax = [&](int tile) {
+    const int j0 = kb + tile * BN;
     if (use_cap) {
 #pragma unroll
       for (int i = 0; i < BN / 2; ++i) s_acc[i] = cap_out * tanhf(s_acc[i] * cap_in);
@@ -394,7 +412,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], s_acc[i]);
-    float m_use[2], alpha[2];
+    float m_use[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
@@ -406,8 +424,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       m_run[h] = m_new;
       l_run[h] *= alpha[h];
     }
-    // O is rescaled only when a row max of the warp moved (alpha is exactly 1 otherwise,
-    // which long rows see in most tiles); the test is warp-uniform, so no lane diverges.
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) {
+      const float pr = fast_exp2(fmaf(s_acc[i], exp_mul, -m_use[(i >> 1) & 1]));
+      l_run[(i >> 1) & 1] += pr;
+      s_acc[i] = pr;
+    }
+  };
+  // O *= alpha, only when a row max of the warp moved (alpha is exactly 1 otherwise, which
+  // long rows see in most tiles); the test is warp-uniform, so no lane diverges.
+  auto rescale_o = [&]() {
     if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
 #pragma unroll
       for (int i = 0; i < D / 8; ++i) {
@@ -417,35 +443,96 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         o_acc[4 * i + 3] *= alpha[1];
       }
     }
-#pragma unroll
-    for (int i = 0; i < BN / 2; ++i) {
-      const float pr = fast_exp2(fmaf(s_acc[i], exp_mul, -m_use[(i >> 1) & 1]));
-      l_run[(i >> 1) & 1] += pr;
-      s_acc[i] = pr;
-    }
-
-    // ---- O += P V: BN / 16 k-steps of 16 keys (2048 bytes of V rows each) ----
-    // P in the compute dtype, all of it before the fence: the n8 chunks 2 kk and 2 kk + 1 of
-    // S are the A fragment of k-step kk (and registers written between two MMAs would make
-    // ptxas insert a fence before each).
-    uint32_t pa[BN / 16][4];
+  };
+  auto pack_p = [&]() {
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk)
 #pragma unroll
       for (int q = 0; q < 4; ++q)
         pa[kk][q] = TypeTraits<CT>::pack(s_acc[8 * kk + 2 * q], s_acc[8 * kk + 2 * q + 1]);
+  };
+  // Before wgmma_fence: no ordinary write of the MMAs' registers may move past it (and
+  // registers written between two MMAs would make ptxas insert a fence before each).
+  auto fence_operands = [&]() {
+    fence_registers(s_acc);
     fence_registers(pa);
-    fence_registers(o_acc);  // the rescale above stays before the MMAs
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      const uint64_t dv = sw128_desc(v_base + kk * 16 * 128, BN * 128, 1024);
-      Wgmma<D, CT>::rs(o_acc, pa[kk], dv, 1);
-    }
-    wgmma_commit();
-    wgmma_wait<0>();
     fence_registers(o_acc);
-    mbar_arrive(empty_bar + 8 * stage);  // this thread's MMAs no longer read the stage
+    wgmma_fence();
+  };
+
+  // Turns: warpgroup w issues its MMAs after bar_sync(kBarTurn0 + w) and then hands the turn
+  // to the other one, so one's softmax runs while the other's MMAs keep the tensor cores
+  // busy. Warpgroup 0 starts; its extra wait after the loop takes the other's last
+  // hand-over, so every arrival is matched (both warpgroups take the same number of turns).
+  if (wg == 1) bar_arrive(kBarTurn0, NT);
+  auto take_turn = [&]() { bar_sync(kBarTurn0 + wg, NT); };
+  auto pass_turn = [&]() { bar_arrive(kBarTurn0 + (wg ^ 1), NT); };
+  if constexpr (Cfg::kOverlap) {
+    // Each turn issues the next tile's S and this tile's P V; the softmax of the next tile
+    // then runs while this warpgroup's own P V is still on the tensor cores. The ring holds
+    // two tiles per warpgroup at a time (this one's V, the next one's K), so the load
+    // warpgroup needs a third stage to stay ahead.
+    if (ntiles > 0) {
+      wait_full(0);
+      fence_operands();
+      take_turn();
+      issue_s(0);
+      pass_turn();
+      wgmma_wait<0>();
+      fence_registers(s_acc);
+      softmax(0);  // alpha is 0 or 1 here and O is still 0: no rescale
+      pack_p();
+    }
+    // Every tile but the last: its P V and the next tile's S (no MMA issue under a
+    // condition, which would make ptxas serialize the MMAs).
+    for (int tile = 0; tile + 1 < ntiles; ++tile) {
+      wait_full(tile + 1);
+      fence_operands();
+      take_turn();
+      issue_s(tile + 1);
+      issue_pv(tile);
+      pass_turn();
+      wgmma_wait<1>();  // groups complete in order: S of tile + 1 has landed
+      fence_registers(s_acc);
+      softmax(tile + 1);
+      wgmma_wait<0>();
+      // P V of `tile` is done with pa and o_acc: keep pa live until here (nothing may reuse
+      // its registers while the MMA reads them), and no access of O above the wait.
+      fence_registers(pa);
+      fence_registers(o_acc);
+      release(tile);
+      rescale_o();
+      pack_p();
+    }
+    if (ntiles > 0) {  // the last tile's P V
+      fence_operands();
+      take_turn();
+      issue_pv(ntiles - 1);
+      pass_turn();
+      wgmma_wait<0>();
+      fence_registers(o_acc);
+      release(ntiles - 1);
+    }
+  } else {
+    // One tile per warpgroup at a time: S, its softmax, then P V, waited for before the next
+    // tile's S.
+    for (int tile = 0; tile < ntiles; ++tile) {
+      wait_full(tile);
+      fence_operands();
+      take_turn();
+      issue_s(tile);
+      pass_turn();
+      wgmma_wait<0>();
+      fence_registers(s_acc);
+      softmax(tile);
+      rescale_o();
+      pack_p();
+      fence_operands();  // the rescale and P stay before the MMAs
+      issue_pv(tile);
+      wgmma_wait<0>();
+      fence_registers(o_acc);
+      release(tile);
+    }
   }
   if (wg == 0) bar_sync(kBarTurn0, NT);
 
