@@ -10,10 +10,10 @@ kv_len = L) at (B, L) = (4, 2048), (1, 8192), (1, 16384) (--quick: the first two
 1x8192 non-causal, page 1, page 64, D=64, D=256 and fp8 pages; a chunked-prefill step (B=8,
 512 new tokens over 8192 cached) and a ragged batch (B=16, q lens U[1, 2048]). FLOPs = 4 *
 sum over query rows of visible keys * Hq * D. The mixed point: 56 decode requests (KV
-U[1k, 8k]) and 8 chunks of 512 over 2k cached, in one call. Every peer's output is compared with ours (rel
-L2); ours with the reference in float32. --fit runs only non-causal 1 x 2k / 4k / 8k / 16k
-and fits ours' time per CTA as a fixed part plus a part per key tile (sm90 D=128 CTA shape). Writes prefill.json, prefill.md and prefill.png
-under --out.
+U[1k, 8k]) and 8 chunks of 512 over 2k cached, in one call. Every peer's output is compared
+with ours (rel L2); ours with the reference in float32. --fit runs only non-causal
+1 x 2k / 4k / 8k / 16k and fits ours' time per CTA as a fixed part plus a part per key tile
+(sm90 D=128 CTA shape). Writes prefill.json, prefill.md and prefill.png under --out.
 
 --impls: "ours" is the default launch (the sm90 wgmma family for 16-bit-page prefill on a
 Hopper card, when the build has it); "ours-sm80" is ours with the portable sm80 family forced
@@ -166,6 +166,12 @@ def fit_per_cta(rows, pts: dict, impl: str, num_sms: int) -> dict | None:
     return {"fixed_us": float(a), "per_tile_us": float(b),
             "tile_tflops": flops_tile * num_sms / (b * 1e-6) / 1e12 if b > 0 else None,
             "points": used}
+
+
+def fit_text(impl: str, f: dict, num_sms: int) -> str:
+    return (f"fit {impl} ({num_sms} SMs, {FIT_BM}x{FIT_BN} CTAs): {f['fixed_us']:.2f} us per "
+            f"CTA + {f['per_tile_us']:.3f} us per key tile "
+            f"({C.fmt_num(f['tile_tflops'], '.0f')} TFLOP/s for the per-tile part)")
 
 
 def points(quick: bool, smoke: bool) -> list[Point]:
@@ -476,11 +482,9 @@ def write_outputs(outdir, meta, rows, plot=False):
           C.markdown_table(rows, COLUMNS), ""]
     for impl, f in (meta.get("fit") or {}).items():
         if f:
-            md += [f"Fit ({impl}, {meta['fit_num_sms']} SMs, {FIT_BM}x{FIT_BN} CTAs): "
-                   f"{f['fixed_us']:.2f} us per CTA + {f['per_tile_us']:.3f} us per key tile "
-                   f"({C.fmt_num(f['tile_tflops'], '.0f')} TFLOP/s for the per-tile part). "
-                   + "; ".join(f"{q['point']}: {q['ctas']} CTAs x {q['tiles']} tiles, "
-                               f"{q['us_per_cta']:.2f} us per CTA" for q in f["points"]), ""]
+            per_point = "; ".join(f"{q['point']}: {q['ctas']} CTAs x {q['tiles']} tiles, "
+                                  f"{q['us_per_cta']:.2f} us per CTA" for q in f["points"])
+            md += [f"{fit_text(impl, f, meta['fit_num_sms'])}. {per_point}", ""]
     with open(os.path.join(outdir, "prefill.md"), "w") as f:
         f.write("\n".join(md))
     if not plot:
@@ -552,9 +556,7 @@ def main(argv=None):
         meta["fit_num_sms"] = num_sms
         for impl, f in meta["fit"].items():
             if f:
-                C.log(f"fit {impl}: {f['fixed_us']:.2f} us per CTA + {f['per_tile_us']:.3f} us "
-                      f"per key tile ({C.fmt_num(f['tile_tflops'], '.0f')} TFLOP/s for the "
-                      f"per-tile part; {num_sms} SMs)")
+                C.log(fit_text(impl, f, num_sms))
     why = write_outputs(outdir, meta, rows, plot=True)
     C.log("")
     C.log(f"bf16 matmul ceiling {C.fmt_num(matmul.get('tflops'), '.0f')} TFLOP/s; timer CUPTI "

@@ -317,8 +317,8 @@ fi
 # expression over tests/test_gpu.py) and benchmarked (bench_prefill.py with
 # VARIANT_PREFILL_ARGS unless that is "skip"; bench_decode.py with VARIANT_DECODE_ARGS when
 # set; ncu on its prefill kernel at PROFILE_POINT when VARIANT_PROFILE is set, beside the
-# profile part's run on the tree's); then the tree's own files are put back and rebuilt. Files are copied
-# with new mtimes both ways, so the incremental build sees every swap.
+# profile part's run on the tree's); then the tree's own files are put back and rebuilt.
+# Files are copied with new mtimes both ways, so the incremental build sees every swap.
 DEFAULT_SMOKE="family_switch or wgmma or ragged_interleaved_pages or fp8"
 # A patch variant becomes a folder variant: its changed files, patched, in a scratch folder.
 patch_to_dir() {  # patch dir
