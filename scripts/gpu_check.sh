@@ -272,7 +272,7 @@ fi
 # Nsight Compute on one launch of our kernel and of cuDNN's at one benchmark point: speed of
 # light, tensor pipe use, warp stall reasons and their SASS lines. Clocks left alone
 # (--clock-control none: the device notes say so). `profile`: prefill at PROFILE_POINT
-# (default 1x8192); `profile-decode`: decode at PROFILE_DECODE_POINT (default "grid 1x32768";
+# (default 1x8192; PROFILE_PEERS=0 leaves cuDNN's kernel out); `profile-decode`: decode at PROFILE_DECODE_POINT (default "grid 1x32768";
 # our split tiles and their merge, so two launches).
 # The report is kept ($name.ncu-rep), printed by section into the log, and dumped as every
 # collected metric (stall reasons, per-pipe activity, shared-memory traffic) into
@@ -298,12 +298,13 @@ ncu_run() {  # name bench point impl kernel-regex launches
 }
 if has profile; then
   ncu_run ncu_ours prefill "${PROFILE_POINT:-1x8192}" ours prefill_wgmma 1
-  ncu_run ncu_cudnn prefill "${PROFILE_POINT:-1x8192}" cudnn sdpa 1
+  [ "${PROFILE_PEERS:-1}" = 0 ] || ncu_run ncu_cudnn prefill "${PROFILE_POINT:-1x8192}" cudnn sdpa 1
 fi
 if has profile-decode; then
   ncu_run ncu_decode_ours decode "${PROFILE_DECODE_POINT:-grid 1x32768}" ours \
     "attn_tile|attn_merge" 2
-  ncu_run ncu_decode_cudnn decode "${PROFILE_DECODE_POINT:-grid 1x32768}" cudnn cudnn 1
+  [ "${PROFILE_PEERS:-1}" = 0 ] ||
+    ncu_run ncu_decode_cudnn decode "${PROFILE_DECODE_POINT:-grid 1x32768}" cudnn cudnn 1
 fi
 
 # ---------------------------------------------------------------------------- variants
@@ -316,7 +317,8 @@ fi
 # Each variant's files are swapped in, built, smoke-tested (VARIANT_SMOKE: a pytest -k
 # expression over tests/test_gpu.py) and benchmarked (bench_prefill.py with
 # VARIANT_PREFILL_ARGS unless that is "skip"; bench_decode.py with VARIANT_DECODE_ARGS when
-# set; ncu on its prefill kernel at PROFILE_POINT when VARIANT_PROFILE is set, beside the
+# set; ncu on its prefill kernel at PROFILE_POINT when VARIANT_PROFILE is 1 or lists the
+# variant's name (space-separated), beside the
 # profile part's run on the tree's); then the tree's own files are put back and rebuilt.
 # Files are copied with new mtimes both ways, so the incremental build sees every swap.
 DEFAULT_SMOKE="family_switch or wgmma or ragged_interleaved_pages or fp8"
@@ -360,7 +362,8 @@ if has variants; then
           benchmarks/bench_prefill.py --out "$OUT/prefill_$name" ${VARIANT_PREFILL_ARGS:---impls ours}
         note "prefill-$name" "rc=$LAST_RC" "$LAST_DT" "see $OUT/prefill_$name/prefill.md"
       fi
-      if [ "$LAST_RC" = 0 ] && [ -n "${VARIANT_PROFILE:-}" ]; then
+      if [ "$LAST_RC" = 0 ] && { [ "${VARIANT_PROFILE:-}" = 1 ] ||
+          case " ${VARIANT_PROFILE:-} " in *" $name "*) true ;; *) false ;; esac; }; then
         # ncu on the variant's prefill kernel, as the profile part does for the tree's
         ncu_run "ncu_$name" prefill "${PROFILE_POINT:-1x8192}" ours prefill_wgmma 1
       fi
