@@ -62,23 +62,28 @@ struct PrefillCfg {
   static constexpr int BN = BN_;
   using CT = CT_;
   static constexpr int kStages = Stages_;
-  // The 16-bit loader announces a stage one tile late: with one stage it would wait for an
-  // empty slot that only its own unannounced stage can free.
+  // One stage for the tile the MMA warpgroups read and one for the loader to fill.
   static_assert(kStages >= 2, "the ring needs two stages");
   // Each MMA warpgroup overlaps its softmax with its own P V MMAs (it then holds two tiles of
   // the ring at a time, so this needs a third stage) at head_dim 64 only: measured on the H200
-  // (run 9), +12% there and -17% at 128, where the serial schedule stays (benchmarks/variants/
-  // sm90-softmax-overlap.patch has the loader change to measure next at 128).
+  // (run 9), +12% there and -17% at 128; run 10, with the loader's announcement lag fitted to
+  // the schedule (load_kv_tiles), still -8% at 128, where the MMA warpgroups then wait for
+  // their tiles' copies (ncu: 3x the samples at the full-barrier wait).
   static constexpr bool kOverlap = kStages >= 3 && D == 64;
   static constexpr bool kFp8 = Fp8_;  // fp8 e4m3 pages, widened to CT (f16) by the loader
   static constexpr int kMmaWarpgroups = 2;
   static constexpr int kMmaThreads = 128 * kMmaWarpgroups;
   static constexpr int kThreads = kMmaThreads + 128;  // + the load warpgroup
   static constexpr int BM = 64 * kMmaWarpgroups;
-  // Registers per thread after the hand-over (setmaxnreg; multiples of 8, and
-  // 128 * (kLoadRegs + 2 * kMmaRegs) <= 64K).
-  static constexpr int kLoadRegs = 40;
-  static constexpr int kMmaRegs = 232;
+  // Registers per thread after the hand-over (setmaxnreg; multiples of 8). The MMA
+  // warpgroups' increase must fit in what the load warpgroup gives back from the launch's
+  // share (65536 / kThreads, rounded down to 8): setmaxnreg.inc waits until it does. The
+  // loader spills below 56 since it looks up the next tile's pages a tile ahead (run 10).
+  static constexpr int kLaunchRegs = (65536 / kThreads) / 8 * 8;
+  static constexpr int kLoadRegs = 56;
+  static constexpr int kMmaRegs = 224;
+  static_assert(kLoadRegs + kMmaWarpgroups * kMmaRegs <= (1 + kMmaWarpgroups) * kLaunchRegs,
+                "the MMA warpgroups' registers must come from the load warpgroup's");
   static_assert(D % 64 == 0 && BN % 64 == 0, "whole 128-byte swizzle column blocks / atoms");
   static constexpr int kChunks = D / 8;            // 16-byte chunks of one row
   static constexpr int kQBytes = BM * D * 2;
@@ -101,10 +106,10 @@ constexpr int kBarQReady = 1;
 constexpr int kBarTurn0 = 2;
 
 // The load warpgroup's gather shape for rows of C 16-byte chunks: warp wp takes keys
-// [wp * KW, wp * KW + KW) of a tile; lane l < KW looks up key l's row once (key_row_elem:
-// the block table, page bounds, 64-bit address math), then the warp copies KPP keys per pass,
-// LPK lanes per key, each lane taking its key's row offset from the looking-up lane by a
-// shuffle (a lookup per copying lane would repeat it C times).
+// [wp * KW, wp * KW + KW) of a tile; lane l < KW looks up key l's row once (the block-table
+// load, then page_row_elem: the page bounds, 64-bit address math), then the warp copies KPP
+// keys per pass, LPK lanes per key, each lane taking its key's row offset from the looking-up
+// lane by a shuffle (a lookup per copying lane would repeat it C times).
 template <int BN, int C>
 struct KeyGather {
   static constexpr int KW = BN / 4;                  // keys per warp and tile
@@ -113,18 +118,32 @@ struct KeyGather {
   static constexpr int CPL = C / LPK;                // chunks per lane and key
   static_assert(KW <= 32 && KW % KPP == 0 && C % LPK == 0, "loader shape");
 
+  // This lane's key of a tile: its page as read from the block table (-1 for a lane without
+  // a key, or a key past w.ke: the last tile's tail) and its slot in the page.
+  struct Lookup {
+    int32_t page;  // as the block table holds it
+    int slot;
+  };
+  // The first step, a global load: the loaders issue it a tile ahead, so its latency runs
+  // under the copies of the tile before instead of in front of this tile's.
+  __device__ __forceinline__ static Lookup lookup(const AttnLaunch& L, const int32_t* bt_row,
+                                                  const TileWork& w, int tile, int ltid) {
+    const int lane = ltid % 32;
+    const int jl = w.kb + tile * BN + (ltid / 32) * KW + lane;
+    if (lane >= KW || jl >= w.ke) return {-1, 0};
+    const KeySlot<int> ks = key_slot(L.p.kv, jl, L.page_shift);
+    return {bt_row[ks.pi], ks.slot};
+  }
+
   // f(key in the tile, chunk, element offset of the key's row or -1) for each chunk this
-  // load thread copies of `tile`. Keys past w.ke (the last tile's tail) get -1, and so does
-  // a page index out of range (the prepare kernel checked every page of [kb, ke)): callers
-  // zero-fill those chunks and never dereference them.
+  // load thread copies of the tile `mine` was looked up for. A key without a row gets -1,
+  // and so does a page index out of range (the prepare kernel checked every page of
+  // [kb, ke)): callers zero-fill those chunks and never dereference them.
   template <class F>
-  __device__ __forceinline__ static void rows(const AttnLaunch& L, const int32_t* bt_row,
-                                              int kvh, const TileWork& w, int tile, int ltid,
-                                              F f) {
+  __device__ __forceinline__ static void rows(const AttnLaunch& L, const Lookup& mine, int kvh,
+                                              int ltid, F f) {
     const int lane = ltid % 32, key0 = (ltid / 32) * KW;
-    const int jl = w.kb + tile * BN + key0 + lane;
-    const int64_t e_mine =
-        lane < KW && jl < w.ke ? key_row_elem(L.p.kv, bt_row, jl, L.page_shift, kvh) : -1;
+    const int64_t e_mine = page_row_elem(L.p.kv, mine.page, mine.slot, kvh);
 #pragma unroll
     for (int pass = 0; pass < KW / KPP; ++pass) {
       const int kl = pass * KPP + lane / LPK;  // key of this warp's share
@@ -147,40 +166,50 @@ struct KeyGather {
 
 // The load warpgroup: tiles [0, ntiles) of [kb, ke) into the ring, 16-byte cp.async per
 // chunk (KeyGather), zero-filled where a key has no row (its P is then 0, and 0 * 0 stays 0).
-// A stage is announced one tile late: after the next tile's copies are issued, this thread
-// waits for its copies of the stage, fences them for the MMA unit (async proxy) and arrives
-// on full[stage].
+// A stage is announced kLag tiles late: after the copies of the next kLag tiles are issued,
+// this thread waits for its copies of the stage, fences them for the MMA unit (async proxy)
+// and arrives on full[stage]. kLag is the number of free slots beyond the one being filled:
+// the stages less the tiles the MMA warpgroups hold (one; two with the softmax overlap), less
+// one. A later announcement makes the MMA warpgroups wait, at each tile, for the copies of
+// the tile after it to be issued into the slot they have just freed (run 10: +25% at
+// head_dim 256, two stages, with a lag of 0 instead of 1).
 template <class Cfg>
 __device__ __forceinline__ void load_kv_tiles(const AttnLaunch& L, int b, int kvh,
                                               const TileWork& w, int ltid, uint32_t stage_base,
                                               uint32_t full_bar, uint32_t empty_bar) {
   constexpr int BN = Cfg::BN;
+  using Gather = KeyGather<BN, Cfg::kChunks>;
   const AttnParams& p = L.p;
   const int32_t* bt_row = p.block_tables + int64_t(b) * p.max_pages_per_req;
   const char* k_src = static_cast<const char*>(p.kv.k);
   const char* v_src = static_cast<const char*>(p.kv.v);
+  constexpr int kLag = Cfg::kStages - (Cfg::kOverlap ? 2 : 1) - 1;
+  static_assert(kLag >= 0, "the MMA warpgroups hold more tiles than the ring has");
+  typename Gather::Lookup next = Gather::lookup(L, bt_row, w, 0, ltid);
   for (int tile = 0; tile < w.ntiles; ++tile) {
     const int stage = tile % Cfg::kStages;
+    const typename Gather::Lookup mine = next;
     if (tile >= Cfg::kStages) mbar_wait(empty_bar + 8 * stage, ((tile / Cfg::kStages) & 1) ^ 1);
     const uint32_t k_dst = stage_base + stage * Cfg::kStageBytes;
-    KeyGather<BN, Cfg::kChunks>::rows(L, bt_row, kvh, w, tile, ltid,
-                                      [&](int key, int ch, int64_t e) {
+    Gather::rows(L, mine, kvh, ltid, [&](int key, int ch, int64_t e) {
       const int64_t byte_off = e >= 0 ? e * 2 + ch * 16 : 0;
       const uint32_t off = sw128_offset(BN, key, ch);
       cp_async_16(k_dst + off, k_src + byte_off, e >= 0 ? 16 : 0);
       cp_async_16(k_dst + Cfg::kTileBytes + off, v_src + byte_off, e >= 0 ? 16 : 0);
     });
     cp_async_commit();
-    if (tile > 0) {
-      cp_async_wait<1>();
+    if (tile + 1 < w.ntiles) next = Gather::lookup(L, bt_row, w, tile + 1, ltid);
+    if (tile >= kLag) {
+      cp_async_wait<kLag>();
       fence_proxy_async_shared();
-      mbar_arrive(full_bar + 8 * ((tile - 1) % Cfg::kStages));
+      mbar_arrive(full_bar + 8 * ((tile - kLag) % Cfg::kStages));
     }
   }
-  if (w.ntiles > 0) {
+  if (kLag > 0 && w.ntiles > 0) {  // the last kLag tiles
     cp_async_wait<0>();
     fence_proxy_async_shared();
-    mbar_arrive(full_bar + 8 * ((w.ntiles - 1) % Cfg::kStages));
+    for (int tile = max(w.ntiles - kLag, 0); tile < w.ntiles; ++tile)
+      mbar_arrive(full_bar + 8 * (tile % Cfg::kStages));
   }
 }
 
@@ -202,15 +231,18 @@ __device__ __forceinline__ void load_kv_tiles_fp8(const AttnLaunch& L, int b, in
   const char* k_src = static_cast<const char*>(p.kv.k);
   const char* v_src = static_cast<const char*>(p.kv.v);
 
-  auto copy_raw = [&](int tile) {  // one commit group per call
+  // One commit group per call; then the lookup of the tile after it (KeyGather::lookup).
+  typename Gather::Lookup next = Gather::lookup(L, bt_row, w, 0, ltid);
+  auto copy_raw = [&](int tile) {
     const uint32_t k_raw = raw_base + (tile % 2) * Cfg::kRawStageBytes;
-    Gather::rows(L, bt_row, kvh, w, tile, ltid, [&](int key, int ch, int64_t e) {
+    Gather::rows(L, next, kvh, ltid, [&](int key, int ch, int64_t e) {
       const int64_t byte_off = e >= 0 ? e + ch * 16 : 0;  // one byte per element
       const uint32_t off = key * D + ch * 16;
       cp_async_16(k_raw + off, k_src + byte_off, e >= 0 ? 16 : 0);
       cp_async_16(k_raw + Cfg::kRawTileBytes + off, v_src + byte_off, e >= 0 ? 16 : 0);
     });
     cp_async_commit();
+    if (tile + 1 < w.ntiles) next = Gather::lookup(L, bt_row, w, tile + 1, ltid);
   };
 
   if (w.ntiles > 0) copy_raw(0);
