@@ -23,9 +23,9 @@
 // The ring runs on mbarriers: full[s] completes when the loads of stage s have landed (and
 // are fenced for the MMA unit), empty[s] when both MMA warpgroups are done reading it. The
 // two MMA warpgroups take turns issuing their MMAs (named barriers), so one's softmax runs
-// while the other's MMAs keep the tensor cores busy. Where the configuration overlaps
-// (PrefillCfg::kOverlap: head_dim 64), a turn issues the next tile's S and this tile's P V,
-// and the warpgroup's softmax of the next tile also overlaps its own P V.
+// while the other's MMAs keep the tensor cores busy. Where the ring has three stages
+// (PrefillCfg::kOverlap: head_dim 64 and 128, 16-bit pages), a turn issues the next tile's S
+// and this tile's P V, and the warpgroup's softmax of the next tile also overlaps its own P V.
 //
 // Q, K and V tiles are stored in 128-byte-swizzle atoms (hopper.cuh), the layout the MMA
 // reads through descriptors.
@@ -34,8 +34,9 @@
 // 256, fp8 e4m3 pages at head_dim 64 / 128 (at 256 the staging ring does not fit beside two
 // stages; those stay on sm80). The prepare kernel has checked every request and
 // its pages (rule 1-3 of docs/semantics.md) and written the NaN rows of invalid ones and the
-// padding rows. Not yet here: TMA loads, and a softmax overlap that pays at head_dim 128 (the
-// two-stage configurations, head_dim 256 and fp8 pages at 128, have no room for it).
+// padding rows. Not yet here: TMA loads, and the softmax overlap in the two-stage
+// configurations (head_dim 256, and fp8 pages at 128, whose staging ring takes the third
+// stage's room).
 #pragma once
 
 #include <cmath>
@@ -64,12 +65,12 @@ struct PrefillCfg {
   static constexpr int kStages = Stages_;
   // One stage for the tile the MMA warpgroups read and one for the loader to fill.
   static_assert(kStages >= 2, "the ring needs two stages");
-  // Each MMA warpgroup overlaps its softmax with its own P V MMAs (it then holds two tiles of
-  // the ring at a time, so this needs a third stage) at head_dim 64 only: measured on the H200
-  // (run 9), +12% there and -17% at 128; run 10, with the loader's announcement lag fitted to
-  // the schedule (load_kv_tiles), still -8% at 128, where the MMA warpgroups then wait for
-  // their tiles' copies (ncu: 3x the samples at the full-barrier wait).
-  static constexpr bool kOverlap = kStages >= 3 && D == 64;
+  // With a third stage each MMA warpgroup overlaps its softmax with its own P V MMAs (it
+  // then holds two tiles of the ring at a time); with two (head_dim 256, fp8 pages) tiles run
+  // one after the other. Measured on the H200: run 9, +12% at head_dim 64 and -17% at 128;
+  // run 10, once the loader announced each tile without waiting for the next one's slot and
+  // looked its pages up a tile ahead, +9% at 128 (1x8192 causal, 530.9 against 487.6).
+  static constexpr bool kOverlap = kStages >= 3;
   static constexpr bool kFp8 = Fp8_;  // fp8 e4m3 pages, widened to CT (f16) by the loader
   static constexpr int kMmaWarpgroups = 2;
   static constexpr int kMmaThreads = 128 * kMmaWarpgroups;
