@@ -24,8 +24,9 @@
 // are fenced for the MMA unit), empty[s] when both MMA warpgroups are done reading it. The
 // two MMA warpgroups take turns issuing their MMAs (named barriers), so one's softmax runs
 // while the other's MMAs keep the tensor cores busy. Where the ring has three stages
-// (PrefillCfg::kOverlap: head_dim 64 and 128, 16-bit pages), a turn issues the next tile's S
-// and this tile's P V, and the warpgroup's softmax of the next tile also overlaps its own P V.
+// (PrefillCfg::kOverlap: head_dim 64, and 128 with 16-bit pages), a turn issues the next
+// tile's S and this tile's P V, and the warpgroup's softmax of the next tile also overlaps its
+// own P V.
 //
 // Q, K and V tiles are stored in 128-byte-swizzle atoms (hopper.cuh), the layout the MMA
 // reads through descriptors.
@@ -66,8 +67,8 @@ struct PrefillCfg {
   // One stage for the tile the MMA warpgroups read and one for the loader to fill.
   static_assert(kStages >= 2, "the ring needs two stages");
   // With a third stage each MMA warpgroup overlaps its softmax with its own P V MMAs (it
-  // then holds two tiles of the ring at a time); with two (head_dim 256, fp8 pages) tiles run
-  // one after the other. Measured on the H200: run 9, +12% at head_dim 64 and -17% at 128;
+  // then holds two tiles of the ring at a time); with two (head_dim 256, fp8 pages at 128)
+  // tiles run one after the other. Measured on the H200: run 9, +12% at head_dim 64 and -17% at 128;
   // run 10, once the loader announced each tile without waiting for the next one's slot and
   // looked its pages up a tile ahead, +9% at 128 (1x8192 causal, 530.9 against 487.6).
   static constexpr bool kOverlap = kStages >= 3;
@@ -172,7 +173,7 @@ struct KeyGather {
 // and arrives on full[stage]. kLag is the number of free slots beyond the one being filled:
 // the stages less the tiles the MMA warpgroups hold (one; two with the softmax overlap), less
 // one. A later announcement makes the MMA warpgroups wait, at each tile, for the copies of
-// the tile after it to be issued into the slot they have just freed (run 10: +25% at
+// the tile after it to be issued into the slot they have just freed (run 10: +25-29% at
 // head_dim 256, two stages, with a lag of 0 instead of 1).
 template <class Cfg>
 __device__ __forceinline__ void load_kv_tiles(const AttnLaunch& L, int b, int kvh,
