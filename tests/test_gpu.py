@@ -249,6 +249,11 @@ BIG_PREFILL = {
                                        kv="f16", q_lens=[2048] * 4, max_kv=2048),
     "s8192_single_causal": dict(batch=1, hkv=4, group=4, d=128, ps=16, q_lens=[8192],
                                 max_kv=8192),
+    # long and short requests in one launch: 8 x 8 x 64 row blocks, most of them past a short
+    # request's rows (work items with nothing to do, about 30 per SM), between real ones
+    "ragged_long_short_many_items": dict(batch=8, hkv=8, group=4, d=128, ps=16,
+                                         q_lens=[2048, 1, 3, 2048, 0, 17, 2048, 129],
+                                         max_kv=2560),
     "chunked_ctx_d256_g5_window_softcap_sinks": dict(
         batch=3, hkv=1, group=5, d=256, ps=5, q_lens=[1500, 700, 333], max_kv=6000,
         window_left=700, logits_soft_cap=30.0, sinks=True),
