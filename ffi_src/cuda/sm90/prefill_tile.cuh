@@ -67,10 +67,9 @@ struct PrefillCfg {
   // One stage for the tile the MMA warpgroups read and one for the loader to fill.
   static_assert(kStages >= 2, "the ring needs two stages");
   // With a third stage each MMA warpgroup overlaps its softmax with its own P V MMAs (it
-  // then holds two tiles of the ring at a time); with two (head_dim 256, fp8 pages at 128)
-  // tiles run one after the other. Measured on the H200: run 9, +12% at head_dim 64 and -17% at 128;
-  // run 10, once the loader announced each tile without waiting for the next one's slot and
-  // looked its pages up a tile ahead, +9% at 128 (1x8192 causal, 530.9 against 487.6).
+  // then holds two tiles of the ring at a time, leaving the loader one: it pays only with
+  // load_kv_tiles' lag and lookup ahead, docs/cuda_kernels.md); with two (head_dim 256, fp8
+  // pages at 128) tiles run one after the other.
   static constexpr bool kOverlap = kStages >= 3;
   static constexpr bool kFp8 = Fp8_;  // fp8 e4m3 pages, widened to CT (f16) by the loader
   static constexpr int kMmaWarpgroups = 2;
