@@ -75,7 +75,7 @@ gpu_suite() {  # name log [VAR=value ...]
   for k in $(seq 0 $((shards - 1))); do
     env "$@" JPA_TEST_SHARD="$k/$shards" timeout --kill-after=15 "${T_TESTS:-240}" \
       "$PY" -m pytest -v --tb=short -rfE --durations=5 -p no:cacheprovider tests/test_gpu.py \
-      ${PYTEST_GPU_ARGS:-} >"$log.$k" 2>&1 &
+      ${PYTEST_GPU_ARGS:-} ${SUITE_K:+-k "$SUITE_K"} >"$log.$k" 2>&1 &
     pids+=($!)
   done
   for pid in "${pids[@]}"; do wait "$pid"; rcs="$rcs $?"; done
@@ -87,6 +87,8 @@ gpu_suite() {  # name log [VAR=value ...]
     rm -f "$log.$k"
   done
   rcs="${rcs# }"
+  LAST_RC=0
+  for k in $rcs; do [ "$k" = 0 ] || LAST_RC=$k; done
   echo "[$name] rc=$rcs $(( $(date +%s) - t0 ))s"
   note "$name" "rc=${rcs// /,}" "$(( $(date +%s) - t0 ))" "$counts"
 }
@@ -354,9 +356,10 @@ if has variants; then
     build_ext "build-$name" "$OUT/build_$name.log"
     note "build-$name" "rc=$LAST_RC" "$LAST_DT" "$(grep -m1 'cuda kernels:' "$OUT/build_$name.log")"
     if [ "$LAST_RC" = 0 ]; then
-      run_part "smoke-$name" "${T_SMOKE:-180}" "$OUT/smoke_$name.log" "$PY" -m pytest -q \
-        -p no:cacheprovider tests/test_gpu.py -k "${VARIANT_SMOKE:-$DEFAULT_SMOKE}"
-      note "smoke-$name" "rc=$LAST_RC" "$LAST_DT" "$(pytest_counts "$OUT/smoke_$name.log")"
+      # sharded like the suite: pytest is compile-bound, and the large prefill cases take
+      # 20-40 s each
+      SUITE_K=${VARIANT_SMOKE:-$DEFAULT_SMOKE} T_TESTS=${T_SMOKE:-180} \
+        gpu_suite "smoke-$name" "$OUT/smoke_$name.log"
       if [ "$LAST_RC" = 0 ] && [ "${VARIANT_PREFILL_ARGS:-}" != skip ]; then
         run_part "prefill-$name" "${T_PREFILL:-300}" "$OUT/bench_prefill_$name.log" "$PY" \
           benchmarks/bench_prefill.py --out "$OUT/prefill_$name" ${VARIANT_PREFILL_ARGS:---impls ours}
