@@ -17,6 +17,10 @@ lowered with. A value outside the ones below is a ValueError at trace time.
                            each (request, KV head) instead of in a merge launch (two earlier
                            versions measured slower on the H200: benchmarks/RESULTS.md, run
                            8); "" / "0": off
+    JPA_CUDA_SPLITS        benchmarking knob: "1" .. "64" split each row block's keys into
+                           that many KV splits (at most as many as the launcher's cap allows:
+                           the workspace, 256 keys of the block table per split, about four
+                           waves of CTAs) instead of the launcher's choice; "": its choice
 """
 
 from __future__ import annotations
@@ -33,7 +37,16 @@ SWITCHES = {
     "launch_tile_rows": ("JPA_CUDA_TILE_ROWS", {"": 0, "64": 64, "128": 128}),
     "launch_longest_first": ("JPA_CUDA_LONGEST_FIRST", {"": 1, "1": 1, "0": 0}),
     "launch_fused_merge": ("JPA_CUDA_FUSED_MERGE", {"": 0, "0": 0, "1": 1}),
+    "launch_splits": ("JPA_CUDA_SPLITS", {"": 0, **{str(n): n for n in range(1, 65)}}),
 }
+
+
+def _choices(values) -> str:
+    """The accepted values of a switch, for its error message (a run of integers as a range)."""
+    named = [v for v in values if v]
+    if len(named) > 4 and all(v.isdigit() for v in named):
+        return f"'{named[0]}' .. '{named[-1]}'"
+    return ", ".join(repr(v) for v in named)
 
 
 def defaults() -> dict[str, np.int64]:
@@ -47,7 +60,7 @@ def from_environment() -> dict[str, np.int64]:
     for attr, (var, values) in SWITCHES.items():
         raw = os.environ.get(var, "").strip()
         if raw not in values:
-            choices = ", ".join(repr(v) for v in values if v)
+            choices = _choices(values)
             raise ValueError(f"jax_paged_attn: {var}={raw!r} is not one of {choices} "
                              "(or unset)")
         out[attr] = np.int64(values[raw])

@@ -298,6 +298,17 @@ def _corrupt(inputs, mutate):
     return inputs.with_args(**changes)
 
 
+def _kernel_names(inputs, api_fn):
+    """The kernels one call of a fresh jit of api_fn on `inputs` launches (the profiler's
+    names, space-separated), so a test can tell which launches a switch gave."""
+    profiler = pytest.importorskip("jax.experimental.mosaic.gpu.profiler")
+    args = [_on_gpu(a) for a in inputs.args]
+    akw, static = _split_kwargs(inputs.kwargs)
+    f = jax.jit(lambda *a: api_fn(*a, **akw, **static))
+    _, per = profiler.measure(f, aggregate=False)(*args)
+    return " ".join(name for name, _ in per)
+
+
 @on_shard(0)
 def test_decode_invalid_metadata_nan_rows_with_splits():
     # Long requests (split-KV active); each invalid request poisons only its own rows.
@@ -323,7 +334,6 @@ def test_split_decode_merged_by_its_tiles_or_a_merge_launch(fused, monkeypatch):
     with JPA_CUDA_FUSED_MERGE=1: both pass check() with sinks, q_len 2 and two invalid
     requests (their splits' NaN lse must reach the merging CTA), and the merge kernel runs
     only when it is launched."""
-    profiler = pytest.importorskip("jax.experimental.mosaic.gpu.profiler")
     monkeypatch.setenv("JPA_CUDA_FUSED_MERGE", fused)
     _poisoned_fn.cache_clear()  # fresh executables, lowered with the switch
     try:
@@ -337,11 +347,7 @@ def test_split_decode_merged_by_its_tiles_or_a_merge_launch(fused, monkeypatch):
 
         bad = _corrupt(base, mutate)
         check(bad, expect_invalid={2, 5})
-        args = [_on_gpu(a) for a in bad.args]
-        akw, static = _split_kwargs(bad.kwargs)
-        f = jax.jit(lambda *a: jpa.paged_decode(*a, **akw, **static))
-        _, per = profiler.measure(f, aggregate=False)(*args)
-        names = " ".join(name for name, _ in per)
+        names = _kernel_names(bad, jpa.paged_decode)
         assert "attn_tile_kernel" in names, names
         assert ("attn_merge_kernel" in names) == (fused == "0"), names
     finally:
@@ -365,6 +371,29 @@ def test_mixed_split_launch_splits_long_decode_rows(monkeypatch):
             sl[4] = 0  # seq_len < q_len
 
         check(_corrupt(base, mutate), expect_invalid={4})
+    finally:
+        _poisoned_fn.cache_clear()
+
+
+@on_shard(7)
+@pytest.mark.parametrize("splits", ["1", "3", "64"])
+def test_forced_split_count_matches_the_reference(splits, monkeypatch):
+    """JPA_CUDA_SPLITS (a benchmarking knob) forces the KV split count, within the
+    launcher's cap: split decode over 6k-12k keys with sinks and a chunked prefill over up to
+    9k keys pass check() at 1, 3 and 64 splits (64 is past the cap here, 46 at most: 12k keys
+    over 256 per split), and the decode call launches the merge kernel exactly when it has
+    more than one split."""
+    monkeypatch.setenv("JPA_CUDA_SPLITS", splits)
+    _poisoned_fn.cache_clear()  # fresh executables, lowered with the switch
+    try:
+        dec = make_big("decode", batch=2, hkv=4, group=4, d=128, ps=16, max_kv=12000,
+                       min_kv=6000, sinks=True, seed=41)
+        check(dec, expect_invalid=set())
+        names = _kernel_names(dec, jpa.paged_decode)
+        assert ("attn_merge_kernel" in names) == (splits != "1"), names
+        pre = make_big("prefill", batch=2, hkv=2, group=4, d=128, ps=16, q_lens=[64, 300],
+                       max_kv=9000, seed=42)
+        check(pre, expect_invalid=set())
     finally:
         _poisoned_fn.cache_clear()
 

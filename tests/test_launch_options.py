@@ -47,7 +47,7 @@ def _switches(line):
 def test_unset_switches_lower_as_the_defaults(op):
     want = {k: int(v) for k, v in launch_options.defaults().items()}
     assert want == {"launch_family": 0, "launch_mixed": 0, "launch_tile_rows": 0,
-                    "launch_longest_first": 1, "launch_fused_merge": 0}
+                    "launch_longest_first": 1, "launch_fused_merge": 0, "launch_splits": 0}
     assert _switches(_lowered("cuda", op)) == want
     assert _switches(_lowered("cpu", op)) == want
 
@@ -58,9 +58,10 @@ def test_the_environment_at_lowering_sets_the_cuda_attributes(monkeypatch):
     monkeypatch.setenv("JPA_CUDA_TILE_ROWS", "64")
     monkeypatch.setenv("JPA_CUDA_LONGEST_FIRST", "0")
     monkeypatch.setenv("JPA_CUDA_FUSED_MERGE", "1")
+    monkeypatch.setenv("JPA_CUDA_SPLITS", "12")
     assert _switches(_lowered("cuda")) == {"launch_family": 1, "launch_mixed": 1,
                                             "launch_tile_rows": 64, "launch_longest_first": 0,
-                                            "launch_fused_merge": 1}
+                                            "launch_fused_merge": 1, "launch_splits": 12}
     # the CPU kernels ignore the switches: their lowering does not read them
     assert _switches(_lowered("cpu"))["launch_family"] == 0
 
@@ -68,7 +69,8 @@ def test_the_environment_at_lowering_sets_the_cuda_attributes(monkeypatch):
 @pytest.mark.parametrize("var,value", [("JPA_CUDA_FAMILY", "sm70"), ("JPA_CUDA_MIXED", "yes"),
                                        ("JPA_CUDA_TILE_ROWS", "32"),
                                        ("JPA_CUDA_LONGEST_FIRST", "2"),
-                                       ("JPA_CUDA_FUSED_MERGE", "no")])
+                                       ("JPA_CUDA_FUSED_MERGE", "no"),
+                                       ("JPA_CUDA_SPLITS", "0"), ("JPA_CUDA_SPLITS", "65")])
 def test_a_bad_value_is_a_trace_time_error_naming_the_variable(monkeypatch, var, value):
     monkeypatch.setenv(var, value)
     with pytest.raises(ValueError, match=f"{var}='{value}' is not one of"):
@@ -88,3 +90,9 @@ def test_switched_sets_the_variables_for_the_block_and_restores_them(monkeypatch
         with launch_options.switched({"JPA_CUDA_MIXED": "1"}):
             raise RuntimeError
     assert os.environ["JPA_CUDA_MIXED"] == "0"
+
+
+def test_the_split_count_error_names_its_range(monkeypatch):
+    monkeypatch.setenv("JPA_CUDA_SPLITS", "x")
+    with pytest.raises(ValueError, match=r"JPA_CUDA_SPLITS='x' is not one of '1' \.\. '64'"):
+        _lowered("cuda", "decode")

@@ -41,6 +41,7 @@ struct LaunchSwitches {
   int tile_rows = 0;           // 0: by the rows; 64 or 128 force a prefill tile shape
   bool longest_first = true;   // decode with fused checks: longest request first
   bool fused_merge = false;    // split decode with fused checks: the tiles merge their splits
+  int splits = 0;              // 0: the launcher picks the KV splits; n: at most n (its cap)
 };
 
 struct AttnParams {

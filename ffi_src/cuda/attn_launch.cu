@@ -4,6 +4,7 @@
 // workspace and launches prepare -> tiles -> (merge); decode with the 16-row tile shape skips
 // prepare (the tiles check their own request and pages). Graph-capture safe: only launches, plus
 // cached host-side queries of device attributes.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <map>
@@ -226,7 +227,9 @@ cudaError_t PlanAttention(const AttnParams& p, AttnPlan* plan) {
   while (s_hi > 1 &&
          meta_bytes + count_bytes + ws::split_bytes(s_hi, rows, D) > p.workspace_bytes)
     --s_hi;
-  const int64_t splits = pick_splits(base, slots, s_hi);
+  // Benchmarking knob (JPA_CUDA_SPLITS=n at lowering): n splits, within the same cap.
+  const int64_t splits =
+      p.launch.splits > 0 ? std::min<int64_t>(p.launch.splits, s_hi) : pick_splits(base, slots, s_hi);
   if (splits > 1) {
     char* ws = static_cast<char*>(p.workspace) + meta_bytes;
     // With the fused_merge switch (experimental, off by default: slower on the H200, run 8),

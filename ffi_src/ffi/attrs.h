@@ -23,12 +23,14 @@ struct AttentionAttrs {
   // The CUDA launcher's switches (jax_paged_attn/launch_options.py; the CPU path ignores
   // them): kernel family (0 = the device's default, 1 = sm80), mixed-batch split launch,
   // forced prefill tile rows (0, 64, 128), longest request first (decode), split decode
-  // merged by its tile CTAs (1, experimental) or by a merge launch (0).
+  // merged by its tile CTAs (1, experimental) or by a merge launch (0), forced KV split
+  // count (0: the launcher's choice).
   int64_t launch_family;
   int64_t launch_mixed;
   int64_t launch_tile_rows;
   int64_t launch_longest_first;
   int64_t launch_fused_merge;
+  int64_t launch_splits;
 };
 
 struct AppendAttrs {
@@ -57,7 +59,8 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
     ::xla::ffi::StructMember<int64_t>("launch_mixed"),
     ::xla::ffi::StructMember<int64_t>("launch_tile_rows"),
     ::xla::ffi::StructMember<int64_t>("launch_longest_first"),
-    ::xla::ffi::StructMember<int64_t>("launch_fused_merge"));
+    ::xla::ffi::StructMember<int64_t>("launch_fused_merge"),
+    ::xla::ffi::StructMember<int64_t>("launch_splits"));
 
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
     ::jpa::AppendAttrs, ::xla::ffi::StructMember<int64_t>("k_offset"),

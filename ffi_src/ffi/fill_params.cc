@@ -2,6 +2,8 @@
 
 #include <string>
 
+#include "../common/workspace.h"
+
 namespace jpa {
 namespace {
 
@@ -161,13 +163,15 @@ ffi::Error FillAttentionParams(const AttentionBuffers& b, const AttentionAttrs& 
   auto is_bit = [](int64_t x) { return x == 0 || x == 1; };
   if (!is_bit(a.launch_family) || !is_bit(a.launch_mixed) || !is_bit(a.launch_longest_first) ||
       !is_bit(a.launch_fused_merge) ||
-      (a.launch_tile_rows != 0 && a.launch_tile_rows != 64 && a.launch_tile_rows != 128))
+      (a.launch_tile_rows != 0 && a.launch_tile_rows != 64 && a.launch_tile_rows != 128) ||
+      a.launch_splits < 0 || a.launch_splits > ws::kMaxSplits)
     return Invalid("launch switches out of range (launch_options.py writes them)");
   p->launch.force_sm80 = a.launch_family == 1;
   p->launch.mixed_split = a.launch_mixed == 1;
   p->launch.tile_rows = static_cast<int>(a.launch_tile_rows);
   p->launch.longest_first = a.launch_longest_first == 1;
   p->launch.fused_merge = a.launch_fused_merge == 1;
+  p->launch.splits = static_cast<int>(a.launch_splits);
   if (a.window_left < -1) return Invalid("window_left must be >= -1");
   p->window_left = a.window_left;
 
