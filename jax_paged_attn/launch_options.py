@@ -20,7 +20,8 @@ lowered with. A value outside the ones below is a ValueError at trace time.
     JPA_CUDA_SPLITS        benchmarking knob: "1" .. "64" split each row block's keys into
                            that many KV splits (at most as many as the launcher's cap allows:
                            the workspace, 256 keys of the block table per split, about four
-                           waves of CTAs) instead of the launcher's choice; "": its choice
+                           waves of CTAs) instead of the launcher's choice (the 16-row part
+                           of a JPA_CUDA_MIXED launch keeps its own); "": its choice
 """
 
 from __future__ import annotations

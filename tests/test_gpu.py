@@ -380,9 +380,9 @@ def test_mixed_split_launch_splits_long_decode_rows(monkeypatch):
 def test_forced_split_count_matches_the_reference(splits, monkeypatch):
     """JPA_CUDA_SPLITS (a benchmarking knob) forces the KV split count, within the
     launcher's cap: split decode over 6k-12k keys with sinks and a chunked prefill over up to
-    9k keys pass check() at 1, 3 and 64 splits (64 is past the cap here, 46 at most: 12k keys
-    over 256 per split), and the decode call launches the merge kernel exactly when it has
-    more than one split."""
+    9k keys pass check() at 1, 3 and 64 splits (at 64 the cap decides: one split per 256 keys
+    of the block table at most), and the decode call launches the merge kernel exactly when
+    it has more than one split."""
     monkeypatch.setenv("JPA_CUDA_SPLITS", splits)
     _poisoned_fn.cache_clear()  # fresh executables, lowered with the switch
     try:

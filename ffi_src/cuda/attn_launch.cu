@@ -227,9 +227,10 @@ cudaError_t PlanAttention(const AttnParams& p, AttnPlan* plan) {
   while (s_hi > 1 &&
          meta_bytes + count_bytes + ws::split_bytes(s_hi, rows, D) > p.workspace_bytes)
     --s_hi;
-  // Benchmarking knob (JPA_CUDA_SPLITS=n at lowering): n splits, within the same cap.
-  const int64_t splits =
-      p.launch.splits > 0 ? std::min<int64_t>(p.launch.splits, s_hi) : pick_splits(base, slots, s_hi);
+  // Benchmarking knob (JPA_CUDA_SPLITS=n at lowering): n splits, within the same cap (the
+  // mixed launch's 16-row part below keeps its own count).
+  const int64_t splits = p.launch.splits > 0 ? std::min<int64_t>(p.launch.splits, s_hi)
+                                             : pick_splits(base, slots, s_hi);
   if (splits > 1) {
     char* ws = static_cast<char*>(p.workspace) + meta_bytes;
     // With the fused_merge switch (experimental, off by default: slower on the H200, run 8),
