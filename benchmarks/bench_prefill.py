@@ -200,6 +200,15 @@ def points(quick: bool, smoke: bool) -> list[Point]:
     ]
 
 
+def select(pts: list[Point], only: str) -> list[Point]:
+    """The points --only names: comma-separated substrings of a point's name, or "=name" for
+    exactly that name; all of them for an empty string."""
+    words = [w for w in only.split(",") if w]
+    return [pt for pt in pts
+            if not words or any(w[1:] == pt.name if w.startswith("=") else w in pt.name
+                                for w in words)]
+
+
 @dataclasses.dataclass
 class Inputs:
     q: jax.Array                  # [T, Hq, D], T = sum of q lens
@@ -532,11 +541,8 @@ def main(argv=None):
                     f"{limit / C.GiB:.1f} GiB")
         return None
 
-    only = [w for w in args.only.split(",") if w]
-    chosen = [pt for pt in (fit_points(args.cpu_smoke) if args.fit
-                            else points(args.quick, args.cpu_smoke))
-              if not only or any(w[1:] == pt.name if w.startswith("=") else w in pt.name
-                                 for w in only)]
+    pts = fit_points(args.cpu_smoke) if args.fit else points(args.quick, args.cpu_smoke)
+    chosen = select(pts, args.only)
     rows = C.run_points(
         chosen, t_start=t_start, budget_s=args.budget_s,
         run_one=lambda i, pt: run_point(pt, impls, timer, args.seed + i,

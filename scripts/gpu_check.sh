@@ -17,13 +17,15 @@
 #                                             # list: minutes each)
 #   scripts/gpu_check.sh profile              # ncu on our prefill kernel and cuDNN's
 #   scripts/gpu_check.sh profile-decode       # the same for decode
+#   scripts/gpu_check.sh timeline             # sm90 prefill CTAs' phase times (a diagnostic
+#                                             # build, then the normal one again)
 #   scripts/gpu_check.sh variants             # unmerged branches' kernels (.variants/*)
 #   VARIANTS_DIR=benchmarks/variants scripts/gpu_check.sh variants
 #                                             # the committed patches not yet run on a GPU
 #
 # Per-part time limits (seconds) can be set with T_BUILD, T_TESTS, T_LARGE, T_FUZZ, T_CPU, T_SAN, T_BENCH,
 # T_PREFILL, T_DECODE, T_GENERATE, T_PROFILE,
-# T_SMOKE.
+# T_SMOKE, T_TIMELINE.
 # Extra pytest arguments for the GPU suite: PYTEST_GPU_ARGS (e.g. "-k decode").
 set -u
 cd "$(dirname "$0")/.."
@@ -139,26 +141,29 @@ sanitize_run() {  # tool:allocator prefix [VAR=value ...]
 }
 
 # One build of the extension with the CUDA kernels (pip, editable; a plain CMake build if
-# pip fails), the compiled module copied into the package; sets LAST_RC / LAST_DT.
-build_ext() {  # name log
-  local name=$1 log=$2
+# pip fails), the compiled module copied into the package; sets LAST_RC / LAST_DT. A build
+# directory other than build/gpu and extra CMake definitions (NAME=VALUE) may follow.
+build_ext() {  # name log [build dir [NAME=VALUE ...]]
+  local name=$1 log=$2 bdir=${3:-build/gpu} def defs=()
+  shift 2; [ $# -gt 0 ] && shift
+  for def in "$@"; do defs+=(-C "cmake.define.$def"); done
   run_part "$name" "${T_BUILD:-240}" "$log" env JPA_CUDA=ON \
     "$PY" -m pip install --no-build-isolation --no-deps -v -e . \
-    -C cmake.define.CMAKE_CUDA_ARCHITECTURES=90 -C build-dir=build/gpu
+    -C cmake.define.CMAKE_CUDA_ARCHITECTURES=90 -C build-dir="$bdir" ${defs[@]+"${defs[@]}"}
   if [ "$LAST_RC" != 0 ]; then
     # Fallback: a plain CMake build of the extension (same sources and flags).
     echo "######## pip build failed (rc=$LAST_RC); trying cmake directly" >>"$log"
     cp "$log" "$log.pip"
     run_part "$name-cmake" "${T_BUILD:-240}" "$log.cmake" bash -c \
-      "cmake -S . -B build/gpu-cmake -G Ninja -DJPA_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
-         -DPython_EXECUTABLE=\"\$(command -v $PY)\" && cmake --build build/gpu-cmake"
+      "cmake -S . -B $bdir-cmake -G Ninja -DJPA_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+         ${*/#/-D} -DPython_EXECUTABLE=\"\$(command -v $PY)\" && cmake --build $bdir-cmake"
     cat "$log.pip" "$log.cmake" >"$log"
     rm -f "$log.pip" "$log.cmake"
   fi
   if [ "$LAST_RC" = 0 ]; then
     # Make the in-tree package importable whatever the editable mode does.
     local so
-    so=$(find build/gpu build/gpu-cmake -name '_jpa_ffi*.so' -newer pyproject.toml 2>/dev/null | head -1)
+    so=$(find "$bdir" "$bdir-cmake" -name '_jpa_ffi*.so' -newer pyproject.toml 2>/dev/null | head -1)
     [ -n "$so" ] && cp -f "$so" jax_paged_attn/
     "$PY" -c "import jax_paged_attn as j; print('cuda kernels:', j._registry.has_cuda_kernels())" \
       >>"$log" 2>&1
@@ -307,6 +312,23 @@ if has profile-decode; then
     "attn_tile|attn_merge" 2
   [ "${PROFILE_PEERS:-1}" = 0 ] ||
     ncu_run ncu_decode_cudnn decode "${PROFILE_DECODE_POINT:-grid 1x32768}" cudnn cudnn 1
+fi
+
+# ---------------------------------------------------------------------------- timeline
+# Where an sm90 prefill CTA's time goes: a diagnostic build (JPA_SM90_TIMELINE=ON, its own
+# build directory) whose CTAs print phase stamps, benchmarks/prefill_timeline.py over
+# TIMELINE_ARGS (default: the 4x2048 and 1x8192 points) into $OUT/timeline, then the normal
+# build again (incremental in build/gpu).
+if has timeline; then
+  build_ext build-timeline "$OUT/build_timeline.log" build/gpu-timeline JPA_SM90_TIMELINE=ON
+  note build-timeline "rc=$LAST_RC" "$LAST_DT" "$(grep -m1 'cuda kernels:' "$OUT/build_timeline.log")"
+  if [ "$LAST_RC" = 0 ]; then
+    run_part timeline "${T_TIMELINE:-180}" "$OUT/timeline.log" "$PY" benchmarks/prefill_timeline.py \
+      --out "$OUT/timeline" ${TIMELINE_ARGS:---only =4x2048,=1x8192}
+    note timeline "rc=$LAST_RC" "$LAST_DT" "see $OUT/timeline/timeline.md"
+  fi
+  build_ext build-tree "$OUT/build_tree.log"
+  note build-tree "rc=$LAST_RC" "$LAST_DT" "the normal build again"
 fi
 
 # ---------------------------------------------------------------------------- variants

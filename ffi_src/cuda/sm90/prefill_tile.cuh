@@ -52,6 +52,7 @@
 #include "../kernel_runner.cuh"
 #include "../tile_work.cuh"
 #include "hopper.cuh"
+#include "timeline.cuh"
 #include "wgmma_ops.cuh"
 
 namespace jpa {
@@ -298,6 +299,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const int rb = L.row_blocks - 1 - int(blockIdx.z);  // heaviest (latest) row blocks first
   const int G = L.group;
   const int tid = threadIdx.x;
+  Timeline tl;  // phase stamps of a diagnostic build (timeline.cuh); nothing otherwise
+  if (tid == 0) tl.mark(kTlStart);
 
   // Exits before any barrier: the conditions are the same for every thread of the CTA.
   const ReqMeta meta = L.meta[b];
@@ -338,6 +341,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                          [](int r, int c) { return sw128_offset(BM, r, c); });
   fence_proxy_async_shared();  // this thread's Q stores -> visible to the MMA unit
   bar_sync(kBarQReady, NT);
+  if (tid == 0) tl.mark(kTlQ);
 
   // ---- per-thread state: warpgroup wg, warp wi of it, lane (g = lane / 4, t = lane % 4).
   // Accumulator value v of an n8 column chunk i sits at row g + 8 * (v / 2), column
@@ -507,6 +511,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     // warpgroup needs a third stage to stay ahead.
     if (ntiles > 0) {
       wait_full(0);
+      if (tid == 0) tl.mark(kTlTile0);
       fence_operands();
       take_turn();
       issue_s(0);
@@ -551,6 +556,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     // tile's S.
     for (int tile = 0; tile < ntiles; ++tile) {
       wait_full(tile);
+      if (tile == 0 && tid == 0) tl.mark(kTlTile0);
       fence_operands();
       take_turn();
       issue_s(tile);
@@ -567,6 +573,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       release(tile);
     }
   }
+  if (tid == 0) tl.mark(kTlLoop);
   if (wg == 0) bar_sync(kBarTurn0, NT);
 
   // ---- epilogue: each thread's two rows, all keys of this split ----
@@ -601,6 +608,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                 : make_float2(0.0f, 0.0f);
       if (t == 0) L.part_lse[prow] = rs.lse;
     }
+  }
+  if (tid == 0) {
+    tl.mark(kTlEnd);
+    tl.print(ntiles);
   }
 }
 
