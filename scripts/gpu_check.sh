@@ -22,6 +22,7 @@
 #   scripts/gpu_check.sh variants             # unmerged branches' kernels (.variants/*)
 #   VARIANTS_DIR=benchmarks/variants scripts/gpu_check.sh variants
 #                                             # the committed patches not yet run on a GPU
+#                                             # (VARIANTS="name ...": only those)
 #
 # Per-part time limits (seconds) can be set with T_BUILD, T_TESTS, T_LARGE, T_FUZZ, T_CPU, T_SAN, T_BENCH,
 # T_PREFILL, T_DECODE, T_GENERATE, T_PROFILE,
@@ -356,9 +357,13 @@ patch_to_dir() {  # patch dir
 }
 if has variants; then
   vdirs=()
-  for vdir in "${VARIANTS_DIR:-.variants}"/*/; do [ -d "$vdir" ] && vdirs+=("$vdir"); done
+  # VARIANTS (names, space-separated): only those variants
+  wanted() { [ -z "${VARIANTS:-}" ] || case " $VARIANTS " in *" $1 "*) true ;; *) false ;; esac; }
+  for vdir in "${VARIANTS_DIR:-.variants}"/*/; do
+    [ -d "$vdir" ] && wanted "$(basename "$vdir")" && vdirs+=("$vdir")
+  done
   for vp in "${VARIANTS_DIR:-.variants}"/*.patch; do
-    [ -f "$vp" ] || continue
+    [ -f "$vp" ] && wanted "$(basename "$vp" .patch)" || continue
     vdir=$(mktemp -d)/$(basename "$vp" .patch)/
     mkdir -p "$vdir"
     if patch_to_dir "$(realpath "$vp")" "$vdir"; then
