@@ -1,6 +1,6 @@
 // Phase stamps of the sm90 prefill CTAs, for a diagnostic build only (CMake
 // -DJPA_SM90_TIMELINE=ON): each CTA's first MMA thread takes clock64() at a few points of its
-// work and prints one line when it ends, which scripts/prefill_timeline.py reads. In the normal
+// work and prints one line when it ends, which benchmarks/prefill_timeline.py reads. In the normal
 // build every call here is empty and the kernels are unchanged.
 //
 // Why: the fit of run 10 gives each CTA about 10.5 us of time that does not scale with its key
