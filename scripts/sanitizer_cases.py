@@ -122,25 +122,27 @@ def main():
                     page_size=16, q_dtype="bf16", kv_dtype="fp8", kv_layout="HND",
                     combined=True, k_scale=0.5, v_scale=1.5, q_len_per_req=4,
                     window_left=40, sinks=True, max_kv_len=400, seed=3))
-    # prefill: padding, q_len 0 requests, softcap, non-causal, fp8
+    # prefill: padding, q_len 0 requests, softcap, non-causal, fp8; each with up to 280
+    # packed rows per KV head (three row blocks of the sm90 kernel's 128: a pair and a single
+    # one once a CTA takes row blocks in pairs, and requests shorter than the longest)
     run_attention(A(kind="prefill", batch=5, num_kv_heads=2, group=4, head_dim=128,
                     page_size=16, q_dtype="bf16", kv_dtype="bf16", max_q_len=70,
                     max_kv_len=200, zero_q_lens=True, pad_front=3, pad_back=5,
                     logits_soft_cap=10.0, seed=4))
     run_attention(A(kind="prefill", batch=3, num_kv_heads=2, group=2, head_dim=64,
                     page_size=5, q_dtype="f16", kv_dtype="fp8", k_scale=0.7, v_scale=0.9,
-                    causal=False, window_left=9, max_q_len=40, max_kv_len=120, seed=5))
+                    causal=False, window_left=9, max_q_len=140, max_kv_len=220, seed=5))
     # a mixed batch (q_len 1-3 at G 8: 8-24 packed rows) with the mixed split launch: the
     # 16-row launch's own splits (compact partials, merged by its tiles) beside the
     # prefill-shape launch
     run_attention(A(kind="prefill", batch=6, num_kv_heads=2, group=8, head_dim=128,
                     page_size=16, q_dtype="bf16", kv_dtype="bf16", max_q_len=3,
                     max_kv_len=1500, sinks=True, seed=12), env={"JPA_CUDA_MIXED": "1"})
-    # prefill with invalid metadata and a long KV (splits in prefill)
+    # prefill with invalid metadata and a long KV (splits in prefill; 280 packed rows)
     def bad_prefill(bt, sl):
         sl[0] = 0  # seq_len < q_len
     run_attention(A(kind="prefill", batch=2, num_kv_heads=2, group=4, head_dim=256,
-                    page_size=16, q_dtype="bf16", kv_dtype="bf16", max_q_len=6,
+                    page_size=16, q_dtype="bf16", kv_dtype="bf16", max_q_len=70,
                     max_kv_len=2000, seed=6), mutate=bad_prefill)
     # append (strided source, fp8 and bf16 pages)
     for ac in (cases.AppendCase(new_dtype="bf16", kv_dtype="bf16", head_dim=128,
