@@ -17,8 +17,8 @@
 #                                             # list: minutes each)
 #   scripts/gpu_check.sh profile              # ncu on our prefill kernel and cuDNN's
 #   scripts/gpu_check.sh profile-decode       # the same for decode
-#   scripts/gpu_check.sh timeline             # sm90 prefill CTAs' phase times (a diagnostic
-#                                             # build, then the normal one again)
+#   scripts/gpu_check.sh timeline             # tile CTAs' phase times, prefill and decode (a
+#                                             # diagnostic build, then the normal one again)
 #   scripts/gpu_check.sh variants             # unmerged branches' kernels (.variants/*)
 #   VARIANTS_DIR=benchmarks/variants scripts/gpu_check.sh variants
 #                                             # the committed patches not yet run on a GPU
@@ -316,16 +316,16 @@ if has profile-decode; then
 fi
 
 # ---------------------------------------------------------------------------- timeline
-# Where an sm90 prefill CTA's time goes: a diagnostic build (JPA_SM90_TIMELINE=ON, its own
-# build directory) whose CTAs print phase stamps, benchmarks/prefill_timeline.py over
-# TIMELINE_ARGS (default: the 4x2048 and 1x8192 points) into $OUT/timeline, then the normal
-# build again (incremental in build/gpu).
+# Where an attention CTA's time goes: a diagnostic build (JPA_TIMELINE=ON, its own build
+# directory) whose tile CTAs print phase stamps, benchmarks/kernel_timeline.py over
+# TIMELINE_ARGS (default: its prefill points 4x2048 and 1x8192 and decode points 1x32768 and
+# 8x8192) into $OUT/timeline, then the normal build again (incremental in build/gpu).
 if has timeline; then
-  build_ext build-timeline "$OUT/build_timeline.log" build/gpu-timeline JPA_SM90_TIMELINE=ON
+  build_ext build-timeline "$OUT/build_timeline.log" build/gpu-timeline JPA_TIMELINE=ON
   note build-timeline "rc=$LAST_RC" "$LAST_DT" "$(grep -m1 'cuda kernels:' "$OUT/build_timeline.log")"
   if [ "$LAST_RC" = 0 ]; then
-    run_part timeline "${T_TIMELINE:-180}" "$OUT/timeline.log" "$PY" benchmarks/prefill_timeline.py \
-      --out "$OUT/timeline" ${TIMELINE_ARGS:---only =4x2048,=1x8192}
+    run_part timeline "${T_TIMELINE:-240}" "$OUT/timeline.log" "$PY" benchmarks/kernel_timeline.py \
+      --out "$OUT/timeline" ${TIMELINE_ARGS:-}
     note timeline "rc=$LAST_RC" "$LAST_DT" "see $OUT/timeline/timeline.md"
   fi
   build_ext build-tree "$OUT/build_tree.log"

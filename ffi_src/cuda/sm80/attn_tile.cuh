@@ -34,6 +34,7 @@
 #include "../kernel_runner.cuh"
 #include "../merge_row.cuh"
 #include "../tile_work.cuh"
+#include "../timeline.cuh"
 
 namespace jpa {
 namespace cuda {
@@ -307,6 +308,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinCtasPerSm) attn_tile_k
 
   const int G = L.group;
   const int tid = threadIdx.x;
+  Timeline tl;  // phase stamps of a diagnostic build (timeline.cuh); nothing otherwise
+  if (tid == 0) tl.mark(kTlStart);
   ReqMeta meta;
   if (L.fused_checks) {
     const RequestInfo ri = request_info_with_run_max(p, b, 0);
@@ -471,6 +474,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinCtasPerSm) attn_tile_k
   // the first __syncthreads of the loop) ----
   stage_q<CT, D, BM, NT>(L, meta, kvh, w, tid, smem,
                          [](int r, int c) { return swz<D>(r, c); });
+  if (tid == 0) tl.mark(kTlQ);
 
 
   int stage = 0;  // t % kStages
@@ -483,6 +487,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinCtasPerSm) attn_tile_k
     cp_async_commit();
     cp_async_wait<Cfg::kStages - 1>();
     __syncthreads();
+    if (t == 0 && tid == 0) tl.mark(kTlTile0);
 
     const uint32_t k_base = stage_base + stage * Cfg::kStageBytes;
     const uint32_t v_base = k_base + Cfg::kRawTile;
@@ -559,6 +564,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinCtasPerSm) attn_tile_k
     __syncthreads();  // this stage may be overwritten next
     stage = stage + 1 == Cfg::kStages ? 0 : stage + 1;
   }
+  if (tid == 0) tl.mark(kTlLoop);
 
   // ---- epilogue: combine the WN key-slices of each row, normalize, write ----
 #pragma unroll
@@ -644,6 +650,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinCtasPerSm) attn_tile_k
     }
   }
   if (S > 1) finish_split();
+  if (tid == 0) {
+    tl.mark(kTlEnd);
+    tl.print(ntiles);
+  }
 }
 
 // Launch helpers for one configuration (kernel_runner.cuh); info() is cached per device by

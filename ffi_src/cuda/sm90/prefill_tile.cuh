@@ -51,8 +51,8 @@
 #include "../tile_families.h"
 #include "../kernel_runner.cuh"
 #include "../tile_work.cuh"
+#include "../timeline.cuh"
 #include "hopper.cuh"
-#include "timeline.cuh"
 #include "wgmma_ops.cuh"
 
 namespace jpa {

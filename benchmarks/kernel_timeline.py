@@ -1,17 +1,20 @@
-"""Where an sm90 prefill CTA's time goes, from the phase stamps its CTAs print in a diagnostic
-build (CMake -DJPA_SM90_TIMELINE=ON; ffi_src/cuda/sm90/timeline.cuh). `scripts/gpu_check.sh
+"""Where an attention CTA's time goes, from the phase stamps the tile CTAs print in a
+diagnostic build (CMake -DJPA_TIMELINE=ON; ffi_src/cuda/timeline.cuh). `scripts/gpu_check.sh
 timeline` makes that build, runs this, and builds the normal extension again.
 
-    python3 benchmarks/prefill_timeline.py [--only =4x2048,=1x8192] [--out DIR]
+    python3 benchmarks/kernel_timeline.py [--prefill =4x2048,=1x8192]
+                                          [--decode "grid 1x32768,grid 8x8192"] [--out DIR]
 
-For each bench_prefill point chosen (--only as there), one call of ours runs in a child
-process (device printf reaches its stdout when the context is synchronized); each CTA with
-rows prints its SM, block index, key tiles, global-timer start / end and five clock64 stamps:
-entry, Q staged, tile 0 landed, the tile loop done, the epilogue done. Reported per point: the
-median and 90th percentile of each phase in us (clock64 cycles over the clock rate the global
-timer gives), each phase's share of the SMs' time between the first start and the last end,
-the idle gap between one CTA's end and the next CTA's start on the same SM, and the tile loop
-fitted as a + b * tiles. Writes timeline.md and the raw lines (timeline_<point>.txt) under
+For each bench_prefill point (--prefill, as its --only) and bench_decode point (--decode,
+exact names; "" runs none), one call of ours runs in a child process (device printf reaches
+its stdout when the context is synchronized); each tile CTA with rows (each item of an sm90
+CTA that takes several) prints its SM, block index, key tiles, global-timer start / end and
+five clock64 stamps: entry, Q staged, tile 0 landed, the tile loop done, the epilogue done.
+Reported per point: the median and 90th percentile of each phase in us (clock64 cycles over
+the clock rate the global timer gives), each phase's share of the SMs' time between the first
+start and the last end, the SMs' idle time (between CTAs, and before their first / after their
+last CTA: a launch's tail), and the tile loop fitted as a + b * tiles. A split decode's merge
+launch prints nothing. Writes timeline.md and the raw lines (timeline_<point>.txt) under
 --out. Timing is not the benchmark's: printf and the stamps add a little to each CTA.
 """
 
@@ -56,13 +59,21 @@ def analyse(rows: np.ndarray) -> dict:
         phases[name] = {"median": float(np.median(us)) if us.size else float("nan"),
                         "p90": float(np.percentile(us, 90)) if us.size else float("nan"),
                         "sum": float(us.sum())}
-    span_us = (ns1.max() - ns0.min()) / 1e3
+    t0, t1 = ns0.min(), ns1.max()
+    span_us = (t1 - t0) / 1e3
     sms = np.unique(smid)
-    gaps = []
+    # Per SM, the union of its CTAs' intervals (CTAs of one SM may overlap): the idle gaps
+    # between its busy runs, and the idle time before its first and after its last CTA.
+    gaps, edge_us = [], 0.0
     for s in sms:
         order = np.argsort(ns0[smid == s])
         starts, ends = ns0[smid == s][order], ns1[smid == s][order]
-        gaps.extend(((starts[1:] - ends[:-1]) / 1e3).tolist())
+        run_end = ends[0]
+        for a, b in zip(starts[1:], ends[1:]):
+            if a > run_end:
+                gaps.append((a - run_end) / 1e3)
+            run_end = max(run_end, b)
+        edge_us += ((starts[0] - t0) + (t1 - run_end)) / 1e3
     gaps = np.asarray(gaps, np.float64)
     loop_us = (clk[has_tiles, kLoop] - clk[has_tiles, kTile0]) / per_ns / 1e3
     fit = (np.polyfit(ntiles[has_tiles], loop_us, 1)
@@ -74,6 +85,7 @@ def analyse(rows: np.ndarray) -> dict:
         "gap": {"median": float(np.median(gaps)) if gaps.size else float("nan"),
                 "p90": float(np.percentile(gaps, 90)) if gaps.size else float("nan"),
                 "share": float(gaps.sum() / (sms.size * span_us)) if gaps.size else 0.0},
+        "edge_share": float(edge_us / (sms.size * span_us)),
         "loop_fit": {"per_tile_us": float(fit[0]), "fixed_us": float(fit[1])},
         "mean_tiles": float(ntiles.mean()),
     }
@@ -88,8 +100,10 @@ def markdown(name: str, a: dict) -> str:
     for k, v in a["phases"].items():
         lines.append(f"| {k} | {v['median']:.2f} | {v['p90']:.2f} | {100 * a['share'][k]:.1f}% |")
     g = a["gap"]
-    lines.append(f"| gap to the SM's next CTA | {g['median']:.2f} | {g['p90']:.2f} | "
+    lines.append(f"| SM idle between its CTAs | {g['median']:.2f} | {g['p90']:.2f} | "
                  f"{100 * g['share']:.1f}% |")
+    lines.append(f"| SM idle before its first / after its last CTA | | | "
+                 f"{100 * a['edge_share']:.1f}% |")
     f = a["loop_fit"]
     lines += ["", f"Tile loop fit: {f['fixed_us']:.2f} us + {f['per_tile_us']:.3f} us per key "
               "tile.", ""]
@@ -109,45 +123,66 @@ def _sync_context() -> None:
             raise RuntimeError(f"CUDA driver call failed with {rc}")
 
 
-def child(name: str) -> None:
-    """One call of ours at the point `name` (then a context synchronization)."""
+def _points(bench: str, names: str) -> list:
+    """The benchmark's points that `names` chooses (prefill: as bench_prefill --only; decode:
+    exact names, comma-separated)."""
+    if not names:
+        return []
+    if bench == "prefill":
+        import bench_prefill as BP
+        return BP.select(BP.points(False, False), names)
+    import bench_decode as BD
+    keep = {n.strip() for n in names.split(",")}
+    return [pt for pt in BD.grid_points(False) + BD.extra_points() if pt.name in keep]
+
+
+def child(bench: str, name: str) -> None:
+    """One call of ours at the point `name` of `bench` (then a context synchronization)."""
     import jax
 
-    import bench_prefill as BP
-    (pt,) = BP.select(BP.points(False, False), "=" + name)
-    x = BP.build_inputs(pt, seed=0)
-    (built,) = BP.build_ours(pt, x)
-    jax.block_until_ready(jax.jit(built.fn)(*built.args))
+    (pt,) = _points(bench, "=" + name if bench == "prefill" else name)
+    if bench == "prefill":
+        import bench_prefill as BP
+        (built,) = BP.build_ours(pt, BP.build_inputs(pt, seed=0))
+        args = built.args
+    else:
+        import bench_decode as BD
+        (built,) = BD.build_ours(pt, BD.build_sets(pt, 1, seed=0))
+        args = built.args[0]
+    jax.block_until_ready(jax.jit(built.fn)(*args))
     _sync_context()
     print("jpa-tl-done", flush=True)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", default="=4x2048,=1x8192",
-                   help="bench_prefill points, as its --only (default: =4x2048,=1x8192)")
+    p.add_argument("--prefill", default="=4x2048,=1x8192",
+                   help="bench_prefill points, as its --only (\"\": none)")
+    p.add_argument("--decode", default="grid 1x32768,grid 8x8192",
+                   help="bench_decode point names, comma-separated (\"\": none)")
     p.add_argument("--out", default="out/timeline")
-    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        child(args.child)
+        child(*args.child)
         return 0
-    import bench_prefill as BP
     os.makedirs(args.out, exist_ok=True)
-    parts, failed = ["# sm90 prefill CTA phases (diagnostic build)", ""], 0
-    for pt in BP.select(BP.points(False, False), args.only):
-        r = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", pt.name],
-                           capture_output=True, text=True, timeout=300)
-        safe = "".join(c if c.isalnum() else "_" for c in pt.name)
+    parts, failed = ["# Attention tile CTA phases (diagnostic build)", ""], 0
+    chosen = ([("prefill", pt) for pt in _points("prefill", args.prefill)]
+              + [("decode", pt) for pt in _points("decode", args.decode)])
+    for bench, pt in chosen:
+        r = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", bench,
+                            pt.name], capture_output=True, text=True, timeout=300)
+        safe = bench + "_" + "".join(c if c.isalnum() else "_" for c in pt.name)
         with open(os.path.join(args.out, f"timeline_{safe}.txt"), "w") as f:
             f.write(r.stdout)
         rows = parse(r.stdout)
         if r.returncode != 0 or rows.shape[0] == 0:
             failed += 1
-            parts.append(f"### {pt.name}\n\nno stamps (rc {r.returncode}; is the build a "
-                         f"JPA_SM90_TIMELINE one?): {r.stderr.strip()[-400:]}\n")
+            parts.append(f"### {bench} {pt.name}\n\nno stamps (rc {r.returncode}; is the build "
+                         f"a JPA_TIMELINE one?): {r.stderr.strip()[-400:]}\n")
             continue
-        parts.append(markdown(f"{pt.name} ({pt.config})", analyse(rows)))
+        parts.append(markdown(f"{bench} {pt.name} ({pt.config})", analyse(rows)))
         print(parts[-1], flush=True)
     with open(os.path.join(args.out, "timeline.md"), "w") as f:
         f.write("\n".join(parts) + "\n")

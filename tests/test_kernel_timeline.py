@@ -1,6 +1,7 @@
-"""benchmarks/prefill_timeline.py's reading of the phase stamps (the lines the sm90 prefill
-CTAs of a JPA_SM90_TIMELINE build print), on made-up lines with known phases: the clock rate,
-each phase, the gaps between CTAs of one SM and the tile-loop fit come out as built in."""
+"""benchmarks/kernel_timeline.py's reading of the phase stamps (the lines the tile CTAs of a
+JPA_TIMELINE build print), on made-up lines with known phases: the clock rate, each phase,
+the SMs' idle time (between CTAs, overlapping CTAs of one SM, a launch's tail) and the
+tile-loop fit come out as built in."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "benchmarks"))
-import prefill_timeline as T  # noqa: E402
+import kernel_timeline as T  # noqa: E402
 
 
 def _line(smid, z, ntiles, ns0, ns1, clks):
@@ -53,6 +54,8 @@ def test_phases_gaps_and_the_loop_fit_come_out_as_built():
     assert a["span_us"] == pytest.approx(20.5)
     assert a["share"]["whole CTA"] == pytest.approx(35.0 / (2 * 20.5))
     assert a["gap"]["share"] == pytest.approx(4.0 / (2 * 20.5))
+    # SM 0 ends at 18.5 us, 2 us before SM 7: the launch's tail
+    assert a["edge_share"] == pytest.approx(2.0 / (2 * 20.5))
     assert a["loop_fit"]["per_tile_us"] == pytest.approx(0.75)
     assert a["loop_fit"]["fixed_us"] == pytest.approx(3.0)
 
@@ -65,3 +68,14 @@ def test_a_cta_without_key_tiles_is_left_out_of_the_tile_phases():
     assert a["phases"]["start -> Q staged"]["sum"] == pytest.approx(5.0)
     assert np.isfinite(a["loop_fit"]["per_tile_us"])
     assert "tile loop" in T.markdown("p", a)
+
+
+def test_overlapping_ctas_of_one_sm_are_not_idle_time():
+    # two CTAs at once on SM 0 (0-10 us and 2-12 us), then one at 13-15 us: one 1 us gap
+    text = "\n".join([_line(0, 0, 4, 0, 10000, [0, 2000, 4000, 16000, 20000]),
+                      _line(0, 1, 4, 2000, 12000, [0, 2000, 4000, 16000, 20000]),
+                      _line(0, 2, 2, 13000, 15000, [0, 1000, 1500, 3000, 4000])])
+    a = T.analyse(T.parse(text))
+    assert a["gap"]["median"] == pytest.approx(1.0)
+    assert a["gap"]["share"] == pytest.approx(1.0 / 15.0)
+    assert a["edge_share"] == pytest.approx(0.0)
