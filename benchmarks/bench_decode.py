@@ -97,6 +97,12 @@ def extra_points() -> list[Point]:
     ]
 
 
+def select(points: list[Point], only: str) -> list[Point]:
+    """The points --only names (exact names, comma-separated)."""
+    keep = {n.strip() for n in only.split(",")}
+    return [pt for pt in points if pt.name in keep]
+
+
 def smoke_points(extra: bool) -> list[Point]:
     small = dict(hq=4, hkv=2, d=64)
     pts = [Point("grid", 2, 256, **small), Point("grid", 1, 512, **small),
@@ -412,10 +418,9 @@ def main(argv=None):
     else:
         points = grid_points(args.quick) + (extra_points() if args.extra else [])
     if args.only:
-        keep = {n.strip() for n in args.only.split(",")}
-        points = [pt for pt in points if pt.name in keep]
+        points = select(points, args.only)
         if not points:
-            raise SystemExit(f"--only: no point named {sorted(keep)}")
+            raise SystemExit(f"--only: no point named {args.only!r}")
     meta = {"device": info, "timer": f"CUPTI {timer.cupti_status}", "reps": reps,
             "ceiling": ceiling, "impls": impls, "argv": sys.argv[1:],
             "l2_bytes": info["l2_bytes_assumed"]}

@@ -132,8 +132,7 @@ def _points(bench: str, names: str) -> list:
         import bench_prefill as BP
         return BP.select(BP.points(False, False), names)
     import bench_decode as BD
-    keep = {n.strip() for n in names.split(",")}
-    return [pt for pt in BD.grid_points(False) + BD.extra_points() if pt.name in keep]
+    return BD.select(BD.grid_points(False) + BD.extra_points(), names)
 
 
 def child(bench: str, name: str) -> None:

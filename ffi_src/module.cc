@@ -36,6 +36,8 @@ NB_MODULE(_jpa_ffi, m) {
         nb::arg("page_size"), nb::arg("max_q_len"), nb::arg("mixed_split") = false,
         "Bytes of the workspace output of a CUDA decode / prefill call (never zero); "
         "mixed_split: a prefill call lowered with the mixed split launch.");
+  // The most KV splits a launch takes (the JPA_CUDA_SPLITS switch's range).
+  m.attr("max_kv_splits") = jpa::ws::kMaxSplits;
   m.def("gpu_shape_limit",
         [](int64_t num_tokens, int64_t num_q_heads, int64_t group, int64_t head_dim,
            int64_t batch, int64_t max_pages_per_req, int64_t page_size, int64_t max_q_len) {

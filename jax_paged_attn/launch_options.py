@@ -27,19 +27,33 @@ lowered with. A value outside the ones below is a ValueError at trace time.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import numpy as np
 
-# attribute -> (environment variable, {accepted value: attribute value}); "" is unset.
+# attribute -> (environment variable, {accepted value: attribute value}, or None where
+# _values takes them from the extension); "" is unset.
 SWITCHES = {
     "launch_family": ("JPA_CUDA_FAMILY", {"": 0, "auto": 0, "sm90": 0, "sm80": 1}),
     "launch_mixed": ("JPA_CUDA_MIXED", {"": 0, "0": 0, "1": 1}),
     "launch_tile_rows": ("JPA_CUDA_TILE_ROWS", {"": 0, "64": 64, "128": 128}),
     "launch_longest_first": ("JPA_CUDA_LONGEST_FIRST", {"": 1, "1": 1, "0": 0}),
     "launch_fused_merge": ("JPA_CUDA_FUSED_MERGE", {"": 0, "0": 0, "1": 1}),
-    "launch_splits": ("JPA_CUDA_SPLITS", {"": 0, **{str(n): n for n in range(1, 65)}}),
+    "launch_splits": ("JPA_CUDA_SPLITS", None),  # "1" .. the extension's max_kv_splits
 }
+
+
+@functools.cache
+def _values(attr: str) -> dict:
+    """The accepted values of a switch. The split counts come from the extension (the
+    launcher's kMaxSplits), not from a copy here."""
+    values = SWITCHES[attr][1]
+    if values is None:
+        from . import _registry
+        top = int(_registry.extension().max_kv_splits)
+        values = {"": 0, **{str(n): n for n in range(1, top + 1)}}
+    return values
 
 
 def _choices(values) -> str:
@@ -52,13 +66,14 @@ def _choices(values) -> str:
 
 def defaults() -> dict[str, np.int64]:
     """The switches as unset (what the CPU lowering passes; the CPU kernels ignore them)."""
-    return {attr: np.int64(values[""]) for attr, (_, values) in SWITCHES.items()}
+    return {attr: np.int64(_values(attr)[""]) for attr in SWITCHES}
 
 
 def from_environment() -> dict[str, np.int64]:
     """The switches as the environment sets them now (called by the CUDA lowering)."""
     out = {}
-    for attr, (var, values) in SWITCHES.items():
+    for attr, (var, _) in SWITCHES.items():
+        values = _values(attr)
         raw = os.environ.get(var, "").strip()
         if raw not in values:
             choices = _choices(values)
