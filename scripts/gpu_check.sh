@@ -15,6 +15,7 @@
 #                                             # the full prefill, decode (--extra points) and
 #                                             # generation benchmarks (not in the default
 #                                             # list: minutes each)
+#   scripts/gpu_check.sh decode-splits        # decode (ours) under JPA_CUDA_SPLITS settings
 #   scripts/gpu_check.sh profile              # ncu on our prefill kernel and cuDNN's
 #   scripts/gpu_check.sh profile-decode       # the same for decode
 #   scripts/gpu_check.sh timeline             # tile CTAs' phase times, prefill and decode (a
@@ -26,7 +27,7 @@
 #
 # Per-part time limits (seconds) can be set with T_BUILD, T_TESTS, T_LARGE, T_FUZZ, T_CPU, T_SAN, T_BENCH,
 # T_PREFILL, T_DECODE, T_GENERATE, T_PROFILE,
-# T_SMOKE, T_TIMELINE.
+# T_SMOKE, T_TIMELINE, T_DECODE_SPLIT.
 # Extra pytest arguments for the GPU suite: PYTEST_GPU_ARGS (e.g. "-k decode").
 set -u
 cd "$(dirname "$0")/.."
@@ -269,6 +270,18 @@ if has decode; then
   run_part decode "${T_DECODE:-300}" "$OUT/bench_decode.log" "$PY" benchmarks/bench_decode.py \
     --out "$OUT/decode" ${DECODE_ARGS:---extra}
   note decode "rc=$LAST_RC" "$LAST_DT" "$(grep -cE ' ok *\|?$' "$OUT/decode/decode.md" 2>/dev/null) rows ok"
+fi
+# decode-splits: bench_decode (ours) at DECODE_SPLITS_POINTS under each JPA_CUDA_SPLITS
+# setting of DECODE_SPLITS ("auto": the launcher's own choice), into $OUT/decode_s<n>; the
+# question is whether one wave of split CTAs loses its tail and start (issue 11).
+if has decode-splits; then
+  for n in ${DECODE_SPLITS:-auto 8 16 48 64}; do
+    if [ "$n" = auto ]; then knob=(-u JPA_CUDA_SPLITS); else knob=(JPA_CUDA_SPLITS="$n"); fi
+    run_part "decode-s$n" "${T_DECODE_SPLIT:-60}" "$OUT/bench_decode_s$n.log" env "${knob[@]}" \
+      "$PY" benchmarks/bench_decode.py --impls ours \
+      --only "${DECODE_SPLITS_POINTS:-grid 1x32768,grid 8x8192}" --out "$OUT/decode_s$n"
+    note "decode-s$n" "rc=$LAST_RC" "$LAST_DT" "$(grep -hE '^\| grid' "$OUT/decode_s$n/decode.md" 2>/dev/null | cut -d'|' -f2,7,9 | paste -sd';')"
+  done
 fi
 if has generate; then
   run_part generate "${T_GENERATE:-300}" "$OUT/bench_generate.log" "$PY" \

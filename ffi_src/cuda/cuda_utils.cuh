@@ -8,6 +8,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../common/dtypes.h"
 
@@ -239,15 +240,27 @@ __device__ __forceinline__ void store4(void* base, int64_t i, DType dt, float4 v
   }
 }
 
-// Two consecutive outputs (element index i even) as `dt`.
-__device__ __forceinline__ void store2(void* base, int64_t i, DType dt, float x, float y) {
+// Calls f with a value of the C++ type of output dtype `dt` (float, __nv_bfloat16 or
+// __half), so that a loop of stores inside f branches on the dtype once, not at every store.
+template <class F>
+__device__ __forceinline__ void with_out_type(DType dt, F f) {
   if (dt == DType::kF32) {
-    *reinterpret_cast<float2*>(static_cast<float*>(base) + i) = make_float2(x, y);
+    f(0.0f);
   } else if (dt == DType::kBF16) {
-    *reinterpret_cast<uint32_t*>(static_cast<uint16_t*>(base) + i) =
-        TypeTraits<__nv_bfloat16>::pack(x, y);
+    f(__nv_bfloat16{});
   } else {
-    *reinterpret_cast<uint32_t*>(static_cast<uint16_t*>(base) + i) = TypeTraits<__half>::pack(x, y);
+    f(__half{});
+  }
+}
+
+// Two consecutive outputs at dst (T float, __nv_bfloat16 or __half; 8 / 4-byte aligned).
+// Rounds to nearest even.
+template <typename T>
+__device__ __forceinline__ void store2_as(T* dst, float x, float y) {
+  if constexpr (std::is_same<T, float>::value) {
+    *reinterpret_cast<float2*>(dst) = make_float2(x, y);
+  } else {
+    *reinterpret_cast<uint32_t*>(dst) = TypeTraits<T>::pack(x, y);
   }
 }
 

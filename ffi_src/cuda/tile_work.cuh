@@ -50,27 +50,64 @@ __device__ __forceinline__ TileWork tile_work(const AttnParams& p, const ReqMeta
 // memory in the compute dtype CT: the 16-byte chunk c of block row r goes to
 // tile + offset(r, c). Row R = token R / G of the request, query head kvh * G + R % G.
 // 16-byte loads when L.q_vec (q in CT, aligned, strides multiples of 8), else per element.
-template <typename CT, int D, int BM, int NT, class Offset>
+// InFlight > 1 (the sm90 kernel: all of a thread's chunks): with 16-byte loads each thread
+// loads InFlight chunks into registers before it stores them, so the staging waits for
+// (chunks per thread / InFlight) memory latencies in a row instead of about one per two
+// chunks (run 11's ncu put 4% of the sm90 MMA warps' time at the stores waiting for Q). The
+// sm80 tiles keep the plain loop: at head_dim 128 / 256 the batch makes two of their kernels
+// spill.
+template <typename CT, int D, int BM, int NT, int InFlight = 0, class Offset>
 __device__ __forceinline__ void stage_q(const AttnLaunch& L, const ReqMeta& meta, int kvh,
                                         const TileWork& w, int tid, unsigned char* tile,
                                         Offset offset) {
   const AttnParams& p = L.p;
   const int G = L.group;
   const int qbytes = dtype_bytes(p.q.dtype);
+  constexpr int kChunks = BM * (D / 8) / NT;  // per thread
   static_assert((BM * (D / 8)) % NT == 0, "Q staging loop");
-#pragma unroll 2
-  for (int it = 0; it < BM * (D / 8) / NT; ++it) {
+  // Chunk `it` of this thread: block row r, 16-byte column c; the index of its first element
+  // in q, or -1 for a row past the request.
+  auto chunk = [&](int it, int& r, int& c) -> int64_t {
     const int idx = tid + it * NT;
-    const int r = idx / (D / 8), c = idx % (D / 8);
+    r = idx / (D / 8);
+    c = idx % (D / 8);
     const int R = w.r0 + r;
+    if (R >= w.rows_total) return -1;
+    const int64_t tok = meta.row_begin + R / G;
+    const int64_t head = int64_t(kvh) * G + R % G;
+    // int64: a strided q (a packed QKV) passes 2^31 elements / bytes at large T.
+    return tok * p.q.stride_tok + head * p.q.stride_head + c * 8;
+  };
+  auto load16 = [&](int64_t e) {
+    return *reinterpret_cast<const uint4*>(static_cast<const char*>(p.q.ptr) + e * qbytes);
+  };
+  if constexpr (InFlight > 1) {
+    static_assert(kChunks % InFlight == 0, "Q staging rounds");
+    if (L.q_vec) {
+#pragma unroll 1
+      for (int it0 = 0; it0 < kChunks; it0 += InFlight) {
+        uint4 v[InFlight];
+        int r[InFlight], c[InFlight];
+#pragma unroll
+        for (int j = 0; j < InFlight; ++j) {
+          const int64_t e = chunk(it0 + j, r[j], c[j]);
+          v[j] = e >= 0 ? load16(e) : make_uint4(0u, 0u, 0u, 0u);
+        }
+#pragma unroll
+        for (int j = 0; j < InFlight; ++j)
+          *reinterpret_cast<uint4*>(tile + offset(r[j], c[j])) = v[j];
+      }
+      return;
+    }
+  }
+#pragma unroll 2
+  for (int it = 0; it < kChunks; ++it) {
+    int r, c;
+    const int64_t e = chunk(it, r, c);
     uint4 v = make_uint4(0u, 0u, 0u, 0u);
-    if (R < w.rows_total) {
-      const int64_t tok = meta.row_begin + R / G;
-      const int64_t head = int64_t(kvh) * G + R % G;
-      // int64: a strided q (a packed QKV) passes 2^31 elements / bytes at large T.
-      const int64_t e = tok * p.q.stride_tok + head * p.q.stride_head + c * 8;
+    if (e >= 0) {
       if (L.q_vec) {
-        v = *reinterpret_cast<const uint4*>(static_cast<const char*>(p.q.ptr) + e * qbytes);
+        v = load16(e);
       } else {
         uint32_t x[4];
 #pragma unroll

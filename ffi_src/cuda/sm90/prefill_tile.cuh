@@ -337,8 +337,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const bool causal = p.causal;
 
   // ---- stage Q: BM packed rows x D in the compute dtype, 128-byte-swizzle atoms ----
-  stage_q<CT, D, BM, NT>(L, meta, kvh, w, tid, q_tile,
-                         [](int r, int c) { return sw128_offset(BM, r, c); });
+  stage_q<CT, D, BM, NT, BM * D / 8 / NT>(L, meta, kvh, w, tid, q_tile,
+                                         [](int r, int c) { return sw128_offset(BM, r, c); });
   fence_proxy_async_shared();  // this thread's Q stores -> visible to the MMA unit
   bar_sync(kBarQReady, NT);
   if (tid == 0) tl.mark(kTlQ);
@@ -592,11 +592,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     const bool any = lsum > 0.0f;
     if (S == 1) {
       const RowScale rs = final_row(M, lsum, p.sinks, head, v_scale);
+      with_out_type(p.out_dtype, [&](auto zero) {  // the row's D / 8 stores, one dtype test
+        auto* dst = static_cast<decltype(zero)*>(p.out) + row_id * D + 2 * t;
 #pragma unroll
-      for (int i = 0; i < D / 8; ++i)
-        store2(p.out, row_id * D + 8 * i + 2 * t, p.out_dtype,
-               any ? o_acc[4 * i + 2 * h] * rs.scale : 0.0f,
-               any ? o_acc[4 * i + 2 * h + 1] * rs.scale : 0.0f);
+        for (int i = 0; i < D / 8; ++i)
+          store2_as(dst + 8 * i, any ? o_acc[4 * i + 2 * h] * rs.scale : 0.0f,
+                    any ? o_acc[4 * i + 2 * h + 1] * rs.scale : 0.0f);
+      });
       if (t == 0) p.lse[row_id] = rs.lse;
     } else {  // a split partial; an empty split gets weight 0 (lse -inf) and zeros
       const int64_t prow = part_row(L, split, b, kvh, R, row_id);
