@@ -295,6 +295,8 @@ fi
 # (--clock-control none: the device notes say so). `profile`: prefill at PROFILE_POINT
 # (default 1x8192; PROFILE_PEERS=0 leaves cuDNN's kernel out); `profile-decode`: decode at PROFILE_DECODE_POINT (default "grid 1x32768";
 # our split tiles and their merge, so two launches).
+# The benchmark runs without its CUPTI timer (--no-cupti): under ncu its self-test fails
+# anyway, and in runs 10 and 12 the process then segfaulted in every second ncu run of a call.
 # The report is kept ($name.ncu-rep), printed by section into the log, and dumped as every
 # collected metric (stall reasons, per-pipe activity, shared-memory traffic) into
 # $name.raw.csv and per SASS instruction into $name.source.csv, which can be read without ncu.
@@ -306,7 +308,7 @@ ncu_run() {  # name bench point impl kernel-regex launches
     --section ComputeWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
     --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
     --section SourceCounters -f -o "$OUT/$name" "$PY" "benchmarks/bench_$bench.py" \
-    --impls "$impl" --reps 3 --no-ref-check --only "$only" --out "$OUT/$name"
+    --impls "$impl" --reps 3 --no-ref-check --no-cupti --only "$only" --out "$OUT/$name"
   if [ -f "$OUT/$name.ncu-rep" ]; then
     ncu --import "$OUT/$name.ncu-rep" >>"$OUT/$name.log" 2>&1
     ncu --import "$OUT/$name.ncu-rep" --page raw --csv >"$OUT/$name.raw.csv" 2>&1
@@ -354,8 +356,9 @@ fi
 # committed ones, which survive between sessions) is applied with git apply or patch -p1.
 # Each variant's files are swapped in, built, smoke-tested (VARIANT_SMOKE: a pytest -k
 # expression over tests/test_gpu.py) and benchmarked (bench_prefill.py with
-# VARIANT_PREFILL_ARGS unless that is "skip"; bench_decode.py with VARIANT_DECODE_ARGS when
-# set; ncu on its prefill kernel at PROFILE_POINT when VARIANT_PROFILE is 1 or lists the
+# VARIANT_PREFILL_ARGS unless that is "skip"; bench_decode.py with VARIANT_DECODE_ARGS and / or
+# VARIANT_DECODE_ONLY (its --only, kept whole: point names have spaces) when either is set;
+# ncu on its prefill kernel at PROFILE_POINT when VARIANT_PROFILE is 1 or lists the
 # variant's name (space-separated), beside the
 # profile part's run on the tree's); then the tree's own files are put back and rebuilt.
 # Files are copied with new mtimes both ways, so the incremental build sees every swap.
@@ -410,9 +413,10 @@ if has variants; then
         # ncu on the variant's prefill kernel, as the profile part does for the tree's
         ncu_run "ncu_$name" prefill "${PROFILE_POINT:-1x8192}" ours prefill_wgmma 1
       fi
-      if [ "$LAST_RC" = 0 ] && [ -n "${VARIANT_DECODE_ARGS:-}" ]; then
+      if [ "$LAST_RC" = 0 ] && [ -n "${VARIANT_DECODE_ARGS:-}${VARIANT_DECODE_ONLY:-}" ]; then
         run_part "decode-$name" "${T_DECODE:-300}" "$OUT/bench_decode_$name.log" "$PY" \
-          benchmarks/bench_decode.py --out "$OUT/decode_$name" ${VARIANT_DECODE_ARGS}
+          benchmarks/bench_decode.py --out "$OUT/decode_$name" ${VARIANT_DECODE_ARGS:-} \
+          ${VARIANT_DECODE_ONLY:+--only "$VARIANT_DECODE_ONLY"}
         note "decode-$name" "rc=$LAST_RC" "$LAST_DT" "see $OUT/decode_$name/decode.md"
       fi
     fi
