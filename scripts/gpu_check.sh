@@ -271,16 +271,17 @@ if has decode; then
     --out "$OUT/decode" ${DECODE_ARGS:---extra}
   note decode "rc=$LAST_RC" "$LAST_DT" "$(grep -cE ' ok *\|?$' "$OUT/decode/decode.md" 2>/dev/null) rows ok"
 fi
-# decode-splits: bench_decode (ours) at DECODE_SPLITS_POINTS under each JPA_CUDA_SPLITS
+# decode-splits: bench_decode (ours) at DECODE_SPLITS_POINTS (exact names, grid or --extra
+# points, e.g. "grid 1x32768,fp8 128x2048") under each JPA_CUDA_SPLITS
 # setting of DECODE_SPLITS ("auto": the launcher's own choice), into $OUT/decode_s<n>; the
 # question is whether one wave of split CTAs loses its tail and start (issue 11).
 if has decode-splits; then
   for n in ${DECODE_SPLITS:-auto 8 16 48 64}; do
     if [ "$n" = auto ]; then knob=(-u JPA_CUDA_SPLITS); else knob=(JPA_CUDA_SPLITS="$n"); fi
     run_part "decode-s$n" "${T_DECODE_SPLIT:-60}" "$OUT/bench_decode_s$n.log" env "${knob[@]}" \
-      "$PY" benchmarks/bench_decode.py --impls ours \
+      "$PY" benchmarks/bench_decode.py --impls ours --extra \
       --only "${DECODE_SPLITS_POINTS:-grid 1x32768,grid 8x8192}" --out "$OUT/decode_s$n"
-    note "decode-s$n" "rc=$LAST_RC" "$LAST_DT" "$(grep -hE '^\| grid' "$OUT/decode_s$n/decode.md" 2>/dev/null | cut -d'|' -f2,7,9 | paste -sd';')"
+    note "decode-s$n" "rc=$LAST_RC" "$LAST_DT" "$(grep -hE '^\| [a-z0-9]+ [0-9]+x[0-9]+ \|' "$OUT/decode_s$n/decode.md" 2>/dev/null | cut -d'|' -f2,7,9 | paste -sd';')"
   done
 fi
 if has generate; then
