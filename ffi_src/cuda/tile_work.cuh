@@ -50,13 +50,12 @@ __device__ __forceinline__ TileWork tile_work(const AttnParams& p, const ReqMeta
 // memory in the compute dtype CT: the 16-byte chunk c of block row r goes to
 // tile + offset(r, c). Row R = token R / G of the request, query head kvh * G + R % G.
 // 16-byte loads when L.q_vec (q in CT, aligned, strides multiples of 8), else per element.
-// InFlight > 1 (the sm90 kernel: all of a thread's chunks): with 16-byte loads each thread
-// loads InFlight chunks into registers before it stores them, so the staging waits for
-// (chunks per thread / InFlight) memory latencies in a row instead of about one per two
-// chunks (run 11's ncu put 4% of the sm90 MMA warps' time at the stores waiting for Q). The
-// sm80 tiles keep the plain loop: at head_dim 128 / 256 the batch makes two of their kernels
-// spill.
-template <typename CT, int D, int BM, int NT, int InFlight = 0, class Offset>
+// AllInFlight (the sm90 kernel): with 16-byte loads each thread loads all its chunks into
+// registers before it stores any, so the staging waits for one memory latency instead of
+// about one per two chunks (run 11's ncu put 4% of the sm90 MMA warps' time at the stores
+// waiting for Q). The sm80 tiles keep the plain loop: at head_dim 128 / 256 the batch makes
+// two of their kernels spill.
+template <typename CT, int D, int BM, int NT, bool AllInFlight = false, class Offset>
 __device__ __forceinline__ void stage_q(const AttnLaunch& L, const ReqMeta& meta, int kvh,
                                         const TileWork& w, int tid, unsigned char* tile,
                                         Offset offset) {
@@ -81,22 +80,17 @@ __device__ __forceinline__ void stage_q(const AttnLaunch& L, const ReqMeta& meta
   auto load16 = [&](int64_t e) {
     return *reinterpret_cast<const uint4*>(static_cast<const char*>(p.q.ptr) + e * qbytes);
   };
-  if constexpr (InFlight > 1) {
-    static_assert(kChunks % InFlight == 0, "Q staging rounds");
+  if constexpr (AllInFlight) {
     if (L.q_vec) {
-#pragma unroll 1
-      for (int it0 = 0; it0 < kChunks; it0 += InFlight) {
-        uint4 v[InFlight];
-        int r[InFlight], c[InFlight];
+      uint4 v[kChunks];
+      int r[kChunks], c[kChunks];
 #pragma unroll
-        for (int j = 0; j < InFlight; ++j) {
-          const int64_t e = chunk(it0 + j, r[j], c[j]);
-          v[j] = e >= 0 ? load16(e) : make_uint4(0u, 0u, 0u, 0u);
-        }
-#pragma unroll
-        for (int j = 0; j < InFlight; ++j)
-          *reinterpret_cast<uint4*>(tile + offset(r[j], c[j])) = v[j];
+      for (int j = 0; j < kChunks; ++j) {
+        const int64_t e = chunk(j, r[j], c[j]);
+        v[j] = e >= 0 ? load16(e) : make_uint4(0u, 0u, 0u, 0u);
       }
+#pragma unroll
+      for (int j = 0; j < kChunks; ++j) *reinterpret_cast<uint4*>(tile + offset(r[j], c[j])) = v[j];
       return;
     }
   }

@@ -337,8 +337,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const bool causal = p.causal;
 
   // ---- stage Q: BM packed rows x D in the compute dtype, 128-byte-swizzle atoms ----
-  stage_q<CT, D, BM, NT, BM * D / 8 / NT>(L, meta, kvh, w, tid, q_tile,
-                                         [](int r, int c) { return sw128_offset(BM, r, c); });
+  stage_q<CT, D, BM, NT, true>(L, meta, kvh, w, tid, q_tile,
+                               [](int r, int c) { return sw128_offset(BM, r, c); });
   fence_proxy_async_shared();  // this thread's Q stores -> visible to the MMA unit
   bar_sync(kBarQReady, NT);
   if (tid == 0) tl.mark(kTlQ);
