@@ -102,10 +102,11 @@ struct PrefillCfg {
   static_assert(!kFp8 || std::is_same<CT, __half>::value, "fp8 pages compute in f16");
 };
 
-// Named barriers (0 is __syncthreads): Q staged (the MMA warpgroups), and each MMA
-// warpgroup's turn to issue its S MMAs.
+// Named barriers (0 is __syncthreads): Q staged (the MMA warpgroups), each MMA warpgroup's
+// turn to issue its S MMAs, and each one's output rows written to shared memory.
 constexpr int kBarQReady = 1;
 constexpr int kBarTurn0 = 2;
+constexpr int kBarOut0 = 4;  // each MMA warpgroup's output rows staged (4, 5)
 
 // The load warpgroup's gather shape for rows of C 16-byte chunks: warp wp takes keys
 // [wp * KW, wp * KW + KW) of a tile; lane l < KW looks up key l's row once (the block-table
@@ -578,31 +579,68 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 
   // ---- epilogue: each thread's two rows, all keys of this split ----
   const int64_t Hq = p.num_q_heads;
+  auto row_id_of = [&](int R) {  // the output row of packed row R: [token, head]
+    return (meta.row_begin + R / G) * Hq + int64_t(kvh) * G + R % G;
+  };
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 1);
     l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 2);
-    const int R = r0 + wrow0 + g + 8 * h;
-    if (R >= rows_total) continue;
-    const int64_t tok = meta.row_begin + R / G;
-    const int64_t head = int64_t(kvh) * G + R % G;
-    const int64_t row_id = tok * Hq + head;
-    const float M = m_run[h], lsum = l_run[h];
-    // No visible key: zeros (written as such, never 0 * whatever V held), lse -inf.
-    const bool any = lsum > 0.0f;
-    if (S == 1) {
-      const RowScale rs = final_row(M, lsum, p.sinks, head, v_scale);
-      with_out_type(p.out_dtype, [&](auto zero) {  // the row's D / 8 stores, one dtype test
-        auto* dst = static_cast<decltype(zero)*>(p.out) + row_id * D + 2 * t;
+  }
+  if (S == 1) {
+    with_out_type(p.out_dtype, [&](auto zero) {
+      using T = decltype(zero);
+      // 16-bit outputs go out through shared memory: each thread's accumulator pairs are
+      // 4-byte pieces of 8 rows (32-byte sectors half written by a warp's store), while a
+      // row read back from shared memory leaves in whole 16-byte chunks, 4x fewer stores.
+      // The warpgroup's own 64 rows of the Q tile hold them: its S MMAs, the only readers of
+      // those rows, have completed (wgmma_wait above), and the 128-byte swizzle makes both
+      // the 4-byte writes of a warp (8 rows, one chunk) and the 16-byte reads conflict-free.
+      constexpr bool kViaSmem = sizeof(T) == 2;
 #pragma unroll
-        for (int i = 0; i < D / 8; ++i)
-          store2_as(dst + 8 * i, any ? o_acc[4 * i + 2 * h] * rs.scale : 0.0f,
-                    any ? o_acc[4 * i + 2 * h + 1] * rs.scale : 0.0f);
-      });
-      if (t == 0) p.lse[row_id] = rs.lse;
-    } else {  // a split partial; an empty split gets weight 0 (lse -inf) and zeros
-      const int64_t prow = part_row(L, split, b, kvh, R, row_id);
-      const RowScale rs = split_row(M, lsum, v_scale);
+      for (int h = 0; h < 2; ++h) {
+        const int R = r0 + wrow0 + g + 8 * h;
+        const int64_t head = int64_t(kvh) * G + R % G;
+        // No visible key: zeros (written as such, never 0 * whatever V held), lse -inf.
+        const bool any = l_run[h] > 0.0f;
+        const RowScale rs = final_row(m_run[h], l_run[h], p.sinks, head, v_scale);
+        if (R < rows_total && t == 0) p.lse[row_id_of(R)] = rs.lse;
+        auto o_val = [&](int v) { return any ? o_acc[v] * rs.scale : 0.0f; };
+        if constexpr (kViaSmem) {
+#pragma unroll
+          for (int i = 0; i < D / 8; ++i)
+            *reinterpret_cast<uint32_t*>(q_tile + sw128_offset(BM, wrow0 + g + 8 * h, i) +
+                                         4 * t) =
+                TypeTraits<T>::pack(o_val(4 * i + 2 * h), o_val(4 * i + 2 * h + 1));
+        } else if (R < rows_total) {
+          T* dst = static_cast<T*>(p.out) + row_id_of(R) * D + 2 * t;
+#pragma unroll
+          for (int i = 0; i < D / 8; ++i)
+            store2_as(dst + 8 * i, o_val(4 * i + 2 * h), o_val(4 * i + 2 * h + 1));
+        }
+      }
+      if constexpr (kViaSmem) {
+        bar_sync(kBarOut0 + wg, 128);  // the warpgroup's 64 rows are in shared memory
+        constexpr int kRowChunks = D / 8;
+#pragma unroll
+        for (int it = 0; it < 64 * kRowChunks / 128; ++it) {
+          const int q = it * 128 + tid % 128;
+          const int row = 64 * wg + q / kRowChunks, ch = q % kRowChunks;
+          const int R = r0 + row;
+          if (R < rows_total)
+            *reinterpret_cast<uint4*>(static_cast<T*>(p.out) + row_id_of(R) * D + 8 * ch) =
+                *reinterpret_cast<const uint4*>(q_tile + sw128_offset(BM, row, ch));
+        }
+      }
+    });
+  } else {  // a split partial; an empty split gets weight 0 (lse -inf) and zeros
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int R = r0 + wrow0 + g + 8 * h;
+      if (R >= rows_total) continue;
+      const int64_t prow = part_row(L, split, b, kvh, R, row_id_of(R));
+      const RowScale rs = split_row(m_run[h], l_run[h], v_scale);
+      const bool any = l_run[h] > 0.0f;
 #pragma unroll
       for (int i = 0; i < D / 8; ++i)
         *reinterpret_cast<float2*>(L.part_out + prow * D + 8 * i + 2 * t) =
