@@ -29,6 +29,7 @@
 # T_PREFILL, T_DECODE, T_GENERATE, T_PROFILE,
 # T_SMOKE, T_TIMELINE, T_DECODE_SPLIT.
 # Extra pytest arguments for the GPU suite: PYTEST_GPU_ARGS (e.g. "-k decode").
+# PACK=FILE (outside $OUT): a .tar.gz of $OUT, rewritten after each part.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./out}
@@ -50,6 +51,11 @@ note() {  # also appended to $OUT/summary.txt at once, in case a later part is c
   line=$(printf '%-14s %-8s %6ss  %s' "$1" "$2" "$3" "$4")
   SUMMARY+=("$line")
   echo "$line" >>"$OUT/summary.txt"
+  # PACK=FILE: $OUT re-packed after every part, so a call cut off at its time limit still
+  # brings back what the finished parts wrote (OUT a scratch folder, PACK under the real one)
+  if [ -n "${PACK:-}" ]; then
+    tar -czf "$PACK.part" -C "$OUT" . 2>/dev/null && mv -f "$PACK.part" "$PACK"
+  fi
 }
 has() { case " $PARTS " in *" $1 "*) return 0 ;; esac; return 1; }
 
