@@ -181,7 +181,18 @@ build_ext() {  # name log [build dir [NAME=VALUE ...]]
 }
 
 # ---------------------------------------------------------------------------- build
-if has build || ! ls jax_paged_attn/_jpa_ffi*.so >/dev/null 2>&1; then
+# A call cut off inside the variants part leaves a variant's sources on a warm machine; the
+# next call's copy of the tree brings the tree's files back with their old mtimes, older than
+# the variant's objects, so an incremental build would keep the variant. The marker (in the
+# build folder, which survives between calls) says so: touch the sources, rebuild them all.
+SWAP_MARK=build/gpu/.variant_swapped_in
+STALE_BUILD=0
+if [ -f "$SWAP_MARK" ]; then
+  find ffi_src CMakeLists.txt -type f -exec touch {} +
+  rm -f "$SWAP_MARK"
+  STALE_BUILD=1
+fi
+if has build || [ "$STALE_BUILD" = 1 ] || ! ls jax_paged_attn/_jpa_ffi*.so >/dev/null 2>&1; then
   build_ext build "$OUT/build.log"
   if [ "$LAST_RC" = 0 ]; then
     note build ok "$LAST_DT" "$(grep -m1 'cuda kernels:' "$OUT/build.log")"
@@ -399,6 +410,7 @@ if has variants; then
     name=$(basename "$vdir")
     keep=$(mktemp -d)
     files=$(cd "$vdir" && find . -type f | sed 's|^\./||')
+    mkdir -p "$(dirname "$SWAP_MARK")" && echo "$name" >"$SWAP_MARK"
     for f in $files; do
       if [ -f "$f" ]; then mkdir -p "$keep/$(dirname "$f")" && cp "$f" "$keep/$f"; fi
       mkdir -p "$(dirname "$f")" && cp "$vdir/$f" "$f"
@@ -433,6 +445,7 @@ if has variants; then
     rm -rf "$keep"
   done
   build_ext build-tree "$OUT/build_tree.log"
+  [ "$LAST_RC" = 0 ] && rm -f "$SWAP_MARK"
   note build-tree "rc=$LAST_RC" "$LAST_DT" "the tree's own kernels again"
 fi
 
