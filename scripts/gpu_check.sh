@@ -184,17 +184,14 @@ build_ext() {  # name log [build dir [NAME=VALUE ...]]
 # A call cut off inside the variants part leaves a variant's sources on a warm machine; the
 # next call's copy of the tree brings the tree's files back with their old mtimes, older than
 # the variant's objects, so an incremental build would keep the variant. The marker (in the
-# build folder, which survives between calls) says so: touch the sources, rebuild them all.
+# build folder, which survives between calls) says so: touch the sources, rebuild them all;
+# it goes once a build of the tree's own sources has succeeded.
 SWAP_MARK=build/gpu/.variant_swapped_in
-STALE_BUILD=0
-if [ -f "$SWAP_MARK" ]; then
-  find ffi_src CMakeLists.txt -type f -exec touch {} +
-  rm -f "$SWAP_MARK"
-  STALE_BUILD=1
-fi
-if has build || [ "$STALE_BUILD" = 1 ] || ! ls jax_paged_attn/_jpa_ffi*.so >/dev/null 2>&1; then
+[ -f "$SWAP_MARK" ] && find ffi_src CMakeLists.txt -type f -exec touch {} +
+if has build || [ -f "$SWAP_MARK" ] || ! ls jax_paged_attn/_jpa_ffi*.so >/dev/null 2>&1; then
   build_ext build "$OUT/build.log"
   if [ "$LAST_RC" = 0 ]; then
+    rm -f "$SWAP_MARK"
     note build ok "$LAST_DT" "$(grep -m1 'cuda kernels:' "$OUT/build.log")"
   else
     note build FAIL "$LAST_DT" "$(grep -m1 -E 'error' "$OUT/build.log")"
