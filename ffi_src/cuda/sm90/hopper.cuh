@@ -31,6 +31,15 @@ __device__ __forceinline__ uint64_t sw128_desc(uint32_t smem_addr, uint32_t lead
          (uint64_t((stride_bytes >> 4) & 0x3fffu) << 32) | (uint64_t(1) << 62);
 }
 
+// The descriptor of the matrix `bytes` further on in shared memory: only the start address
+// field (bits 0-13, address / 16) moves, and no carry can leave it (shared addresses are below
+// 2^18 bytes), so one 32-bit add of the low word replaces the field's masking, shift and
+// merge per MMA.
+__device__ __forceinline__ uint64_t desc_advance(uint64_t desc, uint32_t bytes) {
+  const uint32_t lo = uint32_t(desc) + (bytes >> 4);
+  return (desc & 0xffffffff00000000ull) | lo;
+}
+
 // Orders this thread's earlier register and shared-memory accesses before the warpgroup's
 // next MMAs (required before an MMA whose accumulators or A registers were just written).
 __device__ __forceinline__ void wgmma_fence() {

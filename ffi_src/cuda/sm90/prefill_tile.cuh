@@ -347,7 +347,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   // ---- per-thread state: warpgroup wg, warp wi of it, lane (g = lane / 4, t = lane % 4).
   // Accumulator value v of an n8 column chunk i sits at row g + 8 * (v / 2), column
   // 8 i + 2 t + v % 2 of the warp's 16 rows (wgmma_ops.cuh).
-  const int wg = tid / 128, wi = (tid / 32) % 4, lane = tid % 32;
+  // wg is read from lane 0 so the compiler knows it is warp-uniform: the Q descriptors of every
+  // S MMA derive from it and then live in uniform registers (otherwise 16 vector registers
+  // and an R2UR pair in front of each S MMA).
+  const int wg = __shfl_sync(0xffffffffu, tid / 128, 0), wi = (tid / 32) % 4, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
   const int wrow0 = 64 * wg + 16 * wi;  // first block row of this warp
   int pos_r[2];
@@ -404,13 +407,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   auto release = [&](int tile) { mbar_arrive(empty_bar + 8 * (tile % Cfg::kStages)); };
   // S = Q K^T of `tile` into s_acc: D / 16 k-steps, a step is 32 bytes inside a 64-wide
   // column block; one commit group. The caller has fenced (wgmma_fence).
+  // Each k-step's descriptors are the tile's first ones advanced by a constant (desc_advance).
+  const uint64_t dq0 = sw128_desc(q_wg, 16, 1024);
   auto issue_s = [&](int tile) {
-    const uint32_t k_base = stage_addr(tile);
+    const uint64_t dk0 = sw128_desc(stage_addr(tile), 16, 1024);
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       const uint32_t col = (kk / 4), within = (kk % 4) * 32;
-      const uint64_t da = sw128_desc(q_wg + col * BM * 128 + within, 16, 1024);
-      const uint64_t db = sw128_desc(k_base + col * BN * 128 + within, 16, 1024);
+      const uint64_t da = desc_advance(dq0, col * BM * 128 + within);
+      const uint64_t db = desc_advance(dk0, col * BN * 128 + within);
       Wgmma<BN, CT>::ss(s_acc, da, db, kk > 0 ? 1 : 0);
     }
     wgmma_commit();
@@ -418,10 +423,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   // O += P V of `tile` from pa: BN / 16 k-steps of 16 keys (2048 bytes of V rows each); one
   // commit group.
   auto issue_pv = [&](int tile) {
-    const uint32_t v_base = stage_addr(tile) + Cfg::kTileBytes;
+    const uint64_t dv0 = sw128_desc(stage_addr(tile) + Cfg::kTileBytes, BN * 128, 1024);
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
-      const uint64_t dv = sw128_desc(v_base + kk * 16 * 128, BN * 128, 1024);
+      const uint64_t dv = desc_advance(dv0, kk * 16 * 128);
       Wgmma<D, CT>::rs(o_acc, pa[kk], dv, 1);
     }
     wgmma_commit();
