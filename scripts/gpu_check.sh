@@ -10,6 +10,9 @@
 #   scripts/gpu_check.sh build sm80           # on a Hopper card: the GPU suite, fuzz and
 #                                             # sanitizers with the sm80 family forced
 #                                             # (JPA_CUDA_FAMILY=sm80; sm90 is the default there)
+#   scripts/gpu_check.sh build tma            # on a Hopper card: the GPU suite, fuzz and
+#                                             # sanitizers with the sm90 kernel's TMA loads on
+#                                             # (JPA_CUDA_KV_TMA=1, experimental)
 #   scripts/gpu_check.sh build tests          # only some parts (build is implied if needed)
 #   scripts/gpu_check.sh prefill decode generate
 #                                             # the full prefill, decode (--extra points) and
@@ -233,6 +236,28 @@ if has sm80; then
     note sm80-fuzz "rc=$LAST_RC" "$LAST_DT" "$(grep -h '^gpu_fuzz:' "$OUT/sm80_fuzz.log" | tr '\n' ' ')"
     for run in memcheck:pool racecheck:pool initcheck:pool; do
       sanitize_run "$run" sm80 JPA_CUDA_FAMILY=sm80
+    done
+  fi
+fi
+
+# ---------------------------------------------------------------------------- TMA loads
+# The sm90 prefill kernel's TMA loads of K / V tiles (JPA_CUDA_KV_TMA=1, off by default): the
+# GPU suite, a fuzz run and the sanitizers with the switch on (a Hopper card only, and a tree
+# that has the switch: benchmarks/variants/sm90-kv-tma.patch until it lands).
+if has tma; then
+  fams=$("$PY" -c "import jax_paged_attn as j; print(' '.join(j._registry.cuda_kernel_families()))")
+  cc=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1)
+  if ! "$PY" -c "from jax_paged_attn import launch_options as l; assert 'launch_kv_tma' in l.SWITCHES" 2>/dev/null; then
+    note tma skip 0 "this tree has no JPA_CUDA_KV_TMA switch"
+  elif [ "${fams#*sm90}" = "$fams" ] || [ "$cc" != "9.0" ]; then
+    note tma skip 0 "no sm90 prefill here (families: $fams; compute capability $cc)"
+  else
+    gpu_suite tma-tests "$OUT/tma_tests.log" JPA_CUDA_KV_TMA=1
+    run_part tma-fuzz "${T_FUZZ:-480}" "$OUT/tma_fuzz.log" env JPA_CUDA_KV_TMA=1 \
+      "$PY" scripts/gpu_fuzz.py --cases "${FUZZ_TMA_CASES:-300}" --seed 40000 --out "$OUT"
+    note tma-fuzz "rc=$LAST_RC" "$LAST_DT" "$(grep -h '^gpu_fuzz:' "$OUT/tma_fuzz.log" | tr '\n' ' ')"
+    for run in memcheck:pool racecheck:pool initcheck:pool memcheck:platform; do
+      sanitize_run "$run" tma JPA_CUDA_KV_TMA=1
     done
   fi
 fi
