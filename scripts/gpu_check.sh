@@ -220,15 +220,23 @@ if has tests; then
   gpu_suite gpu-tests "$OUT/gpu_tests.log"
 fi
 
+# Does this build and card run the sm90 prefill family? Sets SM90_WHY (families, compute
+# capability) for the skip notes of the parts that need it.
+sm90_here() {
+  local fams cc
+  fams=$("$PY" -c "import jax_paged_attn as j; print(' '.join(j._registry.cuda_kernel_families()))")
+  cc=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1)
+  SM90_WHY="families: $fams; compute capability $cc"
+  [ "${fams#*sm90}" != "$fams" ] && [ "$cc" = "9.0" ]
+}
+
 # ---------------------------------------------------------------------------- sm80 family
 # On a Hopper card the default launch runs prefill on the sm90 family (wgmma); this part runs
 # the GPU suite, a fuzz run and the sanitizers again with the portable sm80 family forced
 # (JPA_CUDA_FAMILY=sm80), so one card checks both. Elsewhere sm80 is the default already.
 if has sm80; then
-  fams=$("$PY" -c "import jax_paged_attn as j; print(' '.join(j._registry.cuda_kernel_families()))")
-  cc=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1)
-  if [ "${fams#*sm90}" = "$fams" ] || [ "$cc" != "9.0" ]; then
-    note sm80 skip 0 "the default launch is sm80 here (families: $fams; compute capability $cc)"
+  if ! sm90_here; then
+    note sm80 skip 0 "the default launch is sm80 here ($SM90_WHY)"
   else
     gpu_suite sm80-tests "$OUT/sm80_tests.log" JPA_CUDA_FAMILY=sm80
     run_part sm80-fuzz "${T_FUZZ:-480}" "$OUT/sm80_fuzz.log" env JPA_CUDA_FAMILY=sm80 \
@@ -245,12 +253,10 @@ fi
 # GPU suite, a fuzz run and the sanitizers with the switch on (a Hopper card only, and a tree
 # that has the switch: benchmarks/variants/sm90-kv-tma.patch until it lands).
 if has tma; then
-  fams=$("$PY" -c "import jax_paged_attn as j; print(' '.join(j._registry.cuda_kernel_families()))")
-  cc=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1)
   if ! "$PY" -c "from jax_paged_attn import launch_options as l; assert 'launch_kv_tma' in l.SWITCHES" 2>/dev/null; then
     note tma skip 0 "this tree has no JPA_CUDA_KV_TMA switch"
-  elif [ "${fams#*sm90}" = "$fams" ] || [ "$cc" != "9.0" ]; then
-    note tma skip 0 "no sm90 prefill here (families: $fams; compute capability $cc)"
+  elif ! sm90_here; then
+    note tma skip 0 "no sm90 prefill here ($SM90_WHY)"
   else
     gpu_suite tma-tests "$OUT/tma_tests.log" JPA_CUDA_KV_TMA=1
     run_part tma-fuzz "${T_FUZZ:-480}" "$OUT/tma_fuzz.log" env JPA_CUDA_KV_TMA=1 \

@@ -12,8 +12,8 @@ hand-over). --compare prints two listings' counts side by side.
     python3 scripts/sass_loop_mix.py /tmp/d128.cubin --kernel bfloat16Li3
     python3 scripts/sass_loop_mix.py /tmp/old.cubin --compare /tmp/new.cubin --kernel bfloat16Li3
 
-cuobjdump comes from $CUOBJDUMP, PATH, or the `triton` wheel's copy
-(triton/backends/nvidia/bin/cuobjdump: `pip download triton` and unzip it).
+cuobjdump comes from $CUOBJDUMP or PATH; the `triton` wheel carries one with the nvdisasm it
+runs (triton/backends/nvidia/bin/: `pip download triton` and unzip both).
 """
 from __future__ import annotations
 
@@ -39,8 +39,11 @@ def cuobjdump() -> str:
 
 def listing(path: str) -> str:
     if path.endswith((".cubin", ".o", ".so")):
-        return subprocess.run([cuobjdump(), "-sass", path], check=True, capture_output=True,
-                              text=True).stdout
+        tool = cuobjdump()
+        # cuobjdump runs nvdisasm, which the triton wheel keeps beside it
+        env = dict(os.environ, PATH=os.path.dirname(tool) + os.pathsep + os.environ.get("PATH", ""))
+        return subprocess.run([tool, "-sass", path], check=True, capture_output=True, text=True,
+                              env=env).stdout
     with open(path) as f:
         return f.read()
 
