@@ -304,7 +304,7 @@ fi
 # ---------------------------------------------------------------------------- full benchmarks
 # benchmarks/bench_prefill.py (every point; PREFILL_ARGS adds e.g. "--impls ours,cudnn" or
 # "--only 1x8192"), benchmarks/bench_decode.py (DECODE_ARGS, default "--extra": the grid and
-# the extra points) and benchmarks/bench_generate.py (GENERATE_ARGS), outputs under
+# the extra points; DECODE_ONLY: its --only, kept whole) and benchmarks/bench_generate.py (GENERATE_ARGS), outputs under
 # $OUT/prefill, $OUT/decode and $OUT/generate.
 if has prefill; then
   run_part prefill "${T_PREFILL:-300}" "$OUT/bench_prefill.log" "$PY" benchmarks/bench_prefill.py \
@@ -313,7 +313,7 @@ if has prefill; then
 fi
 if has decode; then
   run_part decode "${T_DECODE:-300}" "$OUT/bench_decode.log" "$PY" benchmarks/bench_decode.py \
-    --out "$OUT/decode" ${DECODE_ARGS:---extra}
+    --out "$OUT/decode" ${DECODE_ARGS:---extra} ${DECODE_ONLY:+--only "$DECODE_ONLY"}
   note decode "rc=$LAST_RC" "$LAST_DT" "$(grep -cE ' ok *\|?$' "$OUT/decode/decode.md" 2>/dev/null) rows ok"
 fi
 # decode-splits: bench_decode (ours) at DECODE_SPLITS_POINTS (exact names, grid or --extra
