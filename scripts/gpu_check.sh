@@ -304,8 +304,9 @@ fi
 # ---------------------------------------------------------------------------- full benchmarks
 # benchmarks/bench_prefill.py (every point; PREFILL_ARGS adds e.g. "--impls ours,cudnn" or
 # "--only 1x8192"), benchmarks/bench_decode.py (DECODE_ARGS, default "--extra": the grid and
-# the extra points; DECODE_ONLY: its --only, kept whole) and benchmarks/bench_generate.py (GENERATE_ARGS), outputs under
-# $OUT/prefill, $OUT/decode and $OUT/generate.
+# the extra points; DECODE_ONLY: its --only, kept whole, since point names have spaces) and
+# benchmarks/bench_generate.py (GENERATE_ARGS), outputs under $OUT/prefill, $OUT/decode and
+# $OUT/generate.
 if has prefill; then
   run_part prefill "${T_PREFILL:-300}" "$OUT/bench_prefill.log" "$PY" benchmarks/bench_prefill.py \
     --out "$OUT/prefill" ${PREFILL_ARGS:-}
